@@ -1,0 +1,81 @@
+"""The ``xrdscale`` command line: one typer app with a sub-app per area.
+
+Only this module configures logging. User errors (:class:`xrdscale.exceptions.XrdscaleError`)
+end with one ``error:`` line on stderr and exit status 1; anything else is a bug and keeps
+its traceback.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from xrdscale import __version__
+from xrdscale.exceptions import XrdscaleError
+
+app = typer.Typer(
+    name="xrdscale",
+    help="XRD-CT campaigns of working batteries to chemical maps with uncertainty.",
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    add_completion=False,
+)
+err_console = Console(stderr=True)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"xrdscale {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."),
+) -> None:
+    """XRD-CT campaigns of working batteries to chemical maps with uncertainty."""
+    level = logging.WARNING - 10 * min(verbose, 2)
+    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
+                        handlers=[RichHandler(console=err_console, show_path=False)], force=True)
+    logging.getLogger("xrdscale").setLevel(min(level, logging.INFO))
+
+
+def _register() -> None:
+    # Sub-apps live next to the code they drive; each module defines ``app`` (a typer.Typer)
+    # or ``register(app)`` for top-level commands.
+    from xrdscale.simulate import cli as simulate_cli
+
+    app.add_typer(simulate_cli.app, name="simulate")
+    for module in _optional_command_modules():
+        module.register(app)
+
+
+def _optional_command_modules() -> list:
+    import importlib
+
+    return [importlib.import_module(name) for name in COMMAND_MODULES]
+
+
+# Modules that add commands with ``register(app)``; each owns its commands.
+COMMAND_MODULES: list[str] = [
+]
+
+_register()
+
+
+def main() -> None:
+    """Entry point of the ``xrdscale`` script."""
+    try:
+        app()
+    except XrdscaleError as exc:
+        err_console.print(f"[bold red]error:[/] {exc}", highlight=False, soft_wrap=True)
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()

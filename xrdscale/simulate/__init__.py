@@ -1,0 +1,1 @@
+"""Simulated beamtimes: phases from crystal structures, the pattern model, a battery phantom and its scan."""
