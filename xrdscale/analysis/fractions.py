@@ -1,0 +1,218 @@
+"""Weight fractions from scale factors (Hill & Howard), per pixel, with uncertainty.
+
+Hill & Howard (J. Appl. Cryst. 20, 467, 1987) give the weight fraction of phase *i* in
+a mixture from Rietveld scale factors ``S`` as ``W_i = S_i (ZMV)_i / Σ_j S_j (ZMV)_j``,
+where Z·M is the mass of the unit cell and V its volume. Their ``S`` multiplies
+``m |F|²`` alone. xrdscale's pattern model (DESIGN.md) folds the ``1/V²`` of the
+kinematic intensity into the phase: a reflection is ``scale · m |F|² · LP / V²``. Hence
+``S_HH = scale / V²`` and, per pixel,
+
+    W_i = scale_i (ZMV)_i / V_i² / Σ_j scale_j (ZMV)_j / V_j²   ( = scale_i ρ_i / Σ scale_j ρ_j )
+
+i.e. ``scale`` is proportional to the volume fraction of a phase and the density ρ turns
+it into mass. V (and so ZMV/V²) is computed at the pixel's own lattice parameters where
+the ``a``/``c`` maps hold values, else at the CIF's.
+
+Uncertainty (first order, independent errors): with ``u_i = scale_i k_i``,
+``k_i = (ZMV)_i / V_i²`` and ``T = Σ_j u_j``,
+
+    σ²(W_i) = [ (1 − W_i)² σ²(u_i) + W_i² Σ_{j≠i} σ²(u_j) ] / T²,
+    σ²(u_i) = k_i² σ²(scale_i) + u_i² Σ_keys (n_key σ(key)/key)²
+
+where the ensemble standard deviations ``scale_std``, ``a_std``, ``c_std`` of the maps are
+the σ's and ``n_key = ∂ln k/∂ln key`` (−3 for a cubic ``a``; −2, −1 for hexagonal ``a``, ``c``).
+Covariances between phases are neglected.
+
+Non-crystalline components (the separator) have no unit cell: they are excluded from
+the sum and their weight fraction is NaN (a note is stored in the attrs).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+
+import numpy as np
+import xarray as xr
+
+from xrdscale.exceptions import InputError
+
+logger = logging.getLogger(__name__)
+
+#: Map variables a weight-fraction computation needs.
+REQUIRED = ("scale",)
+
+
+def resolve_phases(names: Sequence[str], phases: Mapping[str, object] | None = None) -> dict[str, object]:
+    """Return the phase object of every name, from ``phases`` or the built-in phases.
+
+    Parameters
+    ----------
+    names : sequence of str
+        Phase names of a ``maps`` store.
+    phases : mapping, optional
+        Name → :class:`~xrdscale.simulate.phases.Phase` (or ``AmorphousPeak``), e.g. from
+        the phase library the model was trained on. Names not in it fall back to the
+        built-in phases of the 18650 cell.
+
+    Raises
+    ------
+    InputError
+        A name is neither in ``phases`` nor a built-in phase.
+    """
+    from xrdscale.simulate.phases import BUILTIN_PHASES, builtin_phase
+
+    out: dict[str, object] = {}
+    unknown = []
+    for name in names:
+        if phases is not None and name in phases:
+            out[name] = phases[name]
+        elif name in BUILTIN_PHASES or name == "separator":
+            out[name] = builtin_phase(name)
+        else:
+            unknown.append(name)
+    if unknown:
+        raise InputError(
+            f"no structure for phase(s) {unknown}: they are neither built-in phases "
+            f"({', '.join(BUILTIN_PHASES)}, separator) nor in the given phase library; "
+            "pass the phase library the model was trained on (--phases PHASES.yaml)"
+        )
+    return out
+
+
+def is_crystalline(phase: object) -> bool:
+    """True for a phase with a unit cell (Z, M, V); False for a single amorphous peak."""
+    return hasattr(phase, "zmv") and bool(getattr(phase, "lattice_keys", ()))
+
+
+def require(maps: xr.Dataset, variables: Sequence[str] = (), phases: Sequence[str] = (), *, what: str) -> None:
+    """Raise :class:`InputError` if ``maps`` lacks any of ``variables`` or ``phases``.
+
+    Parameters
+    ----------
+    maps : xarray.Dataset
+        A ``maps`` store.
+    variables, phases : sequence of str
+        What the analysis needs.
+    what : str
+        The analysis, for the message (e.g. ``"weight fractions"``).
+    """
+    missing_vars = [v for v in variables if v not in maps.data_vars]
+    have = [str(p) for p in maps["phase"].values] if "phase" in maps.coords else []
+    missing_phases = [p for p in phases if p not in have]
+    if missing_vars or missing_phases:
+        src = maps.attrs.get("source_url", "the maps store")
+        parts = []
+        if missing_vars:
+            parts.append(f"variable(s) {missing_vars} (it has {sorted(map(str, maps.data_vars))})")
+        if missing_phases:
+            parts.append(f"phase(s) {missing_phases} (it has {have})")
+        raise InputError(f"{what} need(s) {' and '.join(parts)}, missing from {src}; "
+                         "analyse the dataset with a model that predicts them")
+
+
+def lattice_exponents(phase: object) -> dict[str, float]:
+    """``∂ln V/∂ln key`` for each lattice key of ``phase`` (3 for cubic ``a``; 2, 1 for hexagonal)."""
+    base = phase.lattice
+    v0 = phase.volume()
+    out = {}
+    for key, value in base.items():
+        out[key] = float(np.log(phase.volume(**{key: value * 1.01}) / v0) / np.log(1.01))
+    return out
+
+
+def _mass_factor(maps: xr.Dataset, name: str, phase: object) -> tuple[xr.DataArray, xr.DataArray]:
+    """``k = ZMV/V²`` per pixel and its relative variance from the lattice std maps."""
+    k0 = phase.zmv() / phase.volume() ** 2
+    template = maps["scale"].sel(phase=name, drop=True)
+    k = xr.full_like(template, k0, dtype=float)
+    rel_var = xr.zeros_like(template, dtype=float)
+    for key, n_v in lattice_exponents(phase).items():
+        n_k = -n_v  # k = ZMV / V² = ZM / V
+        if key not in maps.data_vars:
+            continue
+        lat = maps[key].sel(phase=name, drop=True)
+        ratio = (lat / phase.lattice[key]).where(np.isfinite(lat) & (lat > 0), 1.0)
+        k = k * ratio**n_k
+        std_name = f"{key}_std"
+        if std_name in maps.data_vars:
+            std = maps[std_name].sel(phase=name, drop=True)
+            rel = (n_k * std / lat).where(np.isfinite(std) & np.isfinite(lat) & (lat > 0), 0.0)
+            rel_var = rel_var + rel**2
+    return k, rel_var
+
+
+def weight_fractions(maps: xr.Dataset, phases: Mapping[str, object] | None = None) -> xr.Dataset:
+    """Per-pixel weight fractions (Hill & Howard) and their first-order uncertainty.
+
+    Works lazily on dask-backed maps (chunk by chunk); nothing is computed here.
+
+    Parameters
+    ----------
+    maps : xarray.Dataset
+        A ``maps`` store with ``scale`` (phase, …) and optionally ``scale_std``, ``a``,
+        ``c``, ``a_std``, ``c_std``.
+    phases : mapping, optional
+        Name → phase object for names that are not built-in phases.
+
+    Returns
+    -------
+    xarray.Dataset
+        ``weight_fraction`` and ``weight_fraction_std`` (phase, …); NaN for
+        non-crystalline phases and where no crystalline phase has a positive scale.
+
+    Raises
+    ------
+    InputError
+        No ``scale`` map, a phase without a structure, or no crystalline phase at all.
+
+    Examples
+    --------
+    >>> wf = weight_fractions(open_store("work/c1/maps.zarr", stage="maps"))  # doctest: +SKIP
+    """
+    require(maps, REQUIRED, what="weight fractions")
+    names = [str(p) for p in maps["phase"].values]
+    objs = resolve_phases(names, phases)
+    crystalline = [n for n in names if is_crystalline(objs[n])]
+    excluded = [n for n in names if n not in crystalline]
+    if not crystalline:
+        raise InputError(f"weight fractions need at least one crystalline phase; the maps have only {names}")
+    has_std = "scale_std" in maps.data_vars
+    u, var_u = {}, {}
+    for name in crystalline:
+        k, rel_var = _mass_factor(maps, name, objs[name])
+        s = maps["scale"].sel(phase=name, drop=True).clip(min=0.0)
+        u[name] = s * k
+        s_std = maps["scale_std"].sel(phase=name, drop=True).fillna(0.0) if has_std else 0.0
+        var_u[name] = (k * s_std) ** 2 + u[name] ** 2 * rel_var
+    total = sum(u.values())
+    total = total.where(total > 0)
+    var_total = sum(var_u.values())
+    wf, wf_std = [], []
+    for name in names:
+        if name in excluded:
+            nan = xr.full_like(maps["scale"].sel(phase=name, drop=True), np.nan, dtype=float)
+            wf.append(nan)
+            wf_std.append(nan)
+            continue
+        w = u[name] / total
+        var = ((1 - w) ** 2 * var_u[name] + w**2 * (var_total - var_u[name])) / total**2
+        wf.append(w)
+        wf_std.append(np.sqrt(var))
+    out = xr.Dataset({
+        "weight_fraction": xr.concat(wf, dim="phase").assign_coords(phase=names),
+        "weight_fraction_std": xr.concat(wf_std, dim="phase").assign_coords(phase=names),
+    })
+    note = "Hill & Howard, W_i = S_i (ZMV)_i / V_i^2 / sum_j; first-order std from the ensemble std"
+    if excluded:
+        note += f"; excluded as non-crystalline (NaN): {', '.join(excluded)}"
+        logger.info("weight fractions: %s excluded (non-crystalline)", ", ".join(excluded))
+    out["weight_fraction"].attrs.update(units="1", long_name="weight fraction", note=note)
+    out["weight_fraction_std"].attrs.update(units="1", long_name="weight fraction std (first order)")
+    return out
+
+
+def with_weight_fractions(maps: xr.Dataset, phases: Mapping[str, object] | None = None) -> xr.Dataset:
+    """Return ``maps`` with ``weight_fraction``/``weight_fraction_std`` (re)computed."""
+    wf = weight_fractions(maps, phases)
+    return maps.drop_vars(["weight_fraction", "weight_fraction_std"], errors="ignore").merge(wf)
