@@ -1,0 +1,213 @@
+"""Named regions of interest and per-ROI statistics of every map (the paper's Table S5).
+
+An ROI is a boolean mask (y, x). It is built from a mask array, a threshold on a map
+(``scale`` of ``Al`` above 30 % of its maximum, dilated by a few pixels: "next to the
+Al tab"), a polygon in mm (:class:`matplotlib.path.Path`), and combined with ``within``
+(intersection) and ``exclude`` (difference). :func:`roi_table` gives, per dataset, ROI,
+variable and phase, the mean and standard deviation over the ROI's pixels, the mean
+ensemble standard deviation (``<variable>_std``) and the pixel count, as a pandas table.
+"""
+
+from __future__ import annotations
+
+import logging
+import warnings
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from matplotlib.path import Path
+from scipy import ndimage
+
+from xrdscale.analysis.fractions import require
+from xrdscale.exceptions import ConfigError, InputError
+
+logger = logging.getLogger(__name__)
+
+#: Map variables summarised per ROI (when present), each with its ``_std``.
+MAP_VARIABLES = ("scale", "a", "c", "size", "weight_fraction")
+
+
+def _template(maps: xr.Dataset) -> xr.DataArray:
+    if "y" not in maps.dims or "x" not in maps.dims:
+        raise InputError(f"ROIs need maps with dims y, x; got {dict(maps.sizes)}")
+    return xr.DataArray(np.zeros((maps.sizes["y"], maps.sizes["x"]), dtype=bool), dims=("y", "x"),
+                        coords={"y": maps["y"], "x": maps["x"]})
+
+
+def roi_from_mask(maps: xr.Dataset, mask: np.ndarray) -> xr.DataArray:
+    """An ROI from a boolean array shaped like the maps' (y, x)."""
+    tpl = _template(maps)
+    mask = np.asarray(mask, dtype=bool)
+    if mask.shape != tpl.shape:
+        raise InputError(f"ROI mask has shape {mask.shape}, the maps are {tpl.shape} (y, x); "
+                         "make the mask on the same grid")
+    return tpl.copy(data=mask)
+
+
+def roi_from_threshold(maps: xr.Dataset, *, phase: str, variable: str = "scale", above: float | None = None,
+                       below: float | None = None, relative: bool = True, dilate: int = 0) -> xr.DataArray:
+    """An ROI where a map lies above/below a threshold, optionally dilated.
+
+    Parameters
+    ----------
+    maps : xarray.Dataset
+        A ``maps`` store.
+    phase, variable : str
+        The map (e.g. ``phase="Al", variable="scale"``).
+    above, below : float, optional
+        Bounds; with ``relative`` they are fractions of the map's 99.5th percentile.
+    relative : bool
+        Interpret the bounds relative to the map's 99.5th percentile.
+    dilate : int
+        Binary dilation iterations [pixels] applied after thresholding.
+    """
+    require(maps, [variable], [phase], what=f"an ROI on {phase} {variable}")
+    if above is None and below is None:
+        raise ConfigError(f"threshold ROI on {phase} {variable} needs 'above' or 'below'")
+    img = np.asarray(maps[variable].sel(phase=phase).transpose("y", "x").values, dtype=float)
+    ref = float(np.nanpercentile(img, 99.5)) if relative and np.isfinite(img).any() else 1.0
+    mask = np.isfinite(img)
+    if above is not None:
+        mask &= img > above * ref
+    if below is not None:
+        mask &= img < below * ref
+    if dilate > 0:
+        mask = ndimage.binary_dilation(mask, iterations=int(dilate))
+    return _template(maps).copy(data=mask)
+
+
+def roi_from_polygon(maps: xr.Dataset, vertices: Sequence[Sequence[float]]) -> xr.DataArray:
+    """An ROI inside a polygon given as ``[(x, y), …]`` vertices in mm."""
+    verts = np.asarray(vertices, dtype=float)
+    if verts.ndim != 2 or verts.shape[1] != 2 or len(verts) < 3:
+        raise ConfigError(f"a polygon ROI needs at least 3 (x, y) vertices in mm; got {vertices!r}")
+    xx, yy = np.meshgrid(maps["x"].values, maps["y"].values)
+    inside = Path(verts).contains_points(np.stack([xx.ravel(), yy.ravel()], axis=1))
+    return _template(maps).copy(data=inside.reshape(xx.shape))
+
+
+def build_rois(maps: xr.Dataset, spec: Mapping[str, Mapping[str, Any]],
+               masks: Mapping[str, np.ndarray] | None = None) -> xr.DataArray:
+    """Build named ROIs from a spec (as in an ROI YAML file).
+
+    Each entry has exactly one of ``threshold: {phase, variable, above|below, relative,
+    dilate}``, ``polygon: [[x, y], …]`` or ``mask: <name in masks>``, and optionally
+    ``within:`` (a threshold/polygon/other ROI name intersected with it) and
+    ``exclude: [ROI names]`` (earlier ROIs removed from it).
+
+    Returns
+    -------
+    xarray.DataArray
+        Boolean (roi, y, x).
+    """
+    built: dict[str, xr.DataArray] = {}
+    for name, entry in spec.items():
+        built[name] = _one_roi(maps, name, entry, built, masks or {})
+        for other in entry.get("exclude", []) or []:
+            if other not in built:
+                raise ConfigError(f"ROI {name!r} excludes {other!r}, which is not defined before it")
+            built[name] = built[name] & ~built[other]
+    if not built:
+        raise ConfigError("no ROIs defined; give at least one (threshold, polygon or mask)")
+    return xr.concat(list(built.values()), dim="roi").assign_coords(roi=list(built))
+
+
+def _one_roi(maps: xr.Dataset, name: str, entry: Mapping[str, Any], built: Mapping[str, xr.DataArray],
+             masks: Mapping[str, np.ndarray]) -> xr.DataArray:
+    kinds = [k for k in ("threshold", "polygon", "mask", "roi") if k in entry]
+    if len(kinds) != 1:
+        raise ConfigError(f"ROI {name!r} must have exactly one of threshold, polygon, mask or roi; got {sorted(entry)}")
+    kind = kinds[0]
+    try:
+        if kind == "threshold":
+            roi = roi_from_threshold(maps, **dict(entry["threshold"]))
+        elif kind == "polygon":
+            roi = roi_from_polygon(maps, entry["polygon"])
+        elif kind == "roi":
+            roi = built[entry["roi"]].copy()
+        else:
+            if entry["mask"] not in masks:
+                raise ConfigError(f"ROI {name!r} names mask {entry['mask']!r}; none was given with that name")
+            roi = roi_from_mask(maps, masks[entry["mask"]])
+    except (TypeError, KeyError) as exc:
+        raise ConfigError(f"ROI {name!r}: invalid {kind} definition {entry[kind]!r} ({exc})") from exc
+    if "within" in entry:
+        roi = roi & _one_roi(maps, f"{name}.within", entry["within"], built, masks)
+    return roi
+
+
+def default_rois(maps: xr.Dataset, *, dilate: int = 2) -> dict[str, dict[str, Any]]:
+    """The paper's cathode ROIs when ``NCA`` and ``Al`` maps exist: NCA next to the Al tab and elsewhere."""
+    phases = [str(p) for p in maps["phase"].values]
+    if not {"NCA", "Al"} <= set(phases):
+        return {}
+    nca = {"phase": "NCA", "variable": "scale", "above": 0.2}
+    return {
+        "NCA next to Al tab": {"threshold": {"phase": "Al", "variable": "scale", "above": 0.5, "dilate": dilate},
+                               "within": {"threshold": nca}},
+        "NCA elsewhere": {"threshold": nca, "exclude": ["NCA next to Al tab"]},
+    }
+
+
+def roi_table(datasets: Mapping[str, xr.Dataset], rois: xr.DataArray | Mapping[str, xr.DataArray],
+              *, variables: Sequence[str] = MAP_VARIABLES) -> pd.DataFrame:
+    """Per-ROI mean ± std of every map, per dataset.
+
+    Parameters
+    ----------
+    datasets : mapping
+        Dataset id → ``maps`` Dataset (all on the ROIs' grid).
+    rois : DataArray (roi, y, x) or mapping
+        The ROIs (one DataArray for all datasets, or one per dataset id).
+    variables : sequence of str
+        Map variables to summarise (those absent are skipped).
+
+    Returns
+    -------
+    pandas.DataFrame
+        Columns ``dataset, roi, phase, variable, mean, std, ensemble_std, n_pixels``;
+        ``std`` is the spread over the ROI's pixels, ``ensemble_std`` the mean of the
+        ensemble's ``<variable>_std`` over them.
+
+    Raises
+    ------
+    InputError
+        An empty ROI (naming it and the dataset).
+    """
+    rows = []
+    for ds_id, maps in datasets.items():
+        roi_set = rois[ds_id] if isinstance(rois, Mapping) else rois
+        for roi_name in [str(r) for r in roi_set["roi"].values]:
+            mask = roi_set.sel(roi=roi_name).values
+            n = int(mask.sum())
+            if n == 0:
+                raise InputError(f"ROI {roi_name!r} is empty in dataset {ds_id!r}: no pixel satisfies its "
+                                 "definition; relax the threshold or check the polygon (mm coordinates)")
+            m = xr.DataArray(mask, dims=("y", "x"))
+            stats = {}
+            for var in [v for v in variables if v in maps.data_vars]:
+                sel = maps[var].where(m)
+                stats[(var, "mean")] = sel.mean(("y", "x"))
+                stats[(var, "std")] = sel.std(("y", "x"))
+                if f"{var}_std" in maps.data_vars:
+                    stats[(var, "ens")] = maps[f"{var}_std"].where(m).mean(("y", "x"))
+            with warnings.catch_warnings():  # all-NaN maps (no c for a cubic phase) give NaN rows, dropped below
+                warnings.simplefilter("ignore", RuntimeWarning)
+                done = xr.Dataset({f"{k[0]}|{k[1]}": v for k, v in stats.items()}).compute()
+            computed = {k: done[f"{k[0]}|{k[1]}"] for k in stats}
+            for var in {k[0] for k in stats}:
+                for ph in [str(p) for p in maps["phase"].values]:
+                    mean = float(computed[(var, "mean")].sel(phase=ph))
+                    if not np.isfinite(mean):
+                        continue
+                    ens = computed.get((var, "ens"))
+                    rows.append({"dataset": ds_id, "roi": roi_name, "phase": ph, "variable": var, "mean": mean,
+                                 "std": float(computed[(var, "std")].sel(phase=ph)),
+                                 "ensemble_std": float(ens.sel(phase=ph)) if ens is not None else np.nan,
+                                 "n_pixels": n})
+    table = pd.DataFrame(rows, columns=["dataset", "roi", "phase", "variable", "mean", "std", "ensemble_std",
+                                        "n_pixels"])
+    return table.sort_values(["dataset", "roi", "variable", "phase"], kind="stable").reset_index(drop=True)
