@@ -1,0 +1,127 @@
+"""``xrdscale campaign run|status|report``: run a whole campaign, see where it stands, write its report."""
+
+from __future__ import annotations
+
+import logging
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from xrdscale import storage
+from xrdscale.campaign.stages import CAMPAIGN
+
+logger = logging.getLogger(__name__)
+
+app = typer.Typer(help="Run a campaign (every cycle's datasets), follow it, and write its report.",
+                  no_args_is_help=True)
+
+SPEC_ARG = typer.Argument(..., help="Campaign spec YAML (path or fsspec URL), e.g. jobs/demo.yaml.")
+WORKSPACE_OPT = typer.Option(None, "--workspace", "-w", help="Override the spec's workspace (path or s3://…).")
+
+
+def _load(spec_url: str, workspace: str | None):
+    from xrdscale.campaign.spec import load_spec
+
+    return load_spec(spec_url, workspace=workspace)
+
+
+@app.command("run")
+def run_cmd(
+    spec_url: str = SPEC_ARG,
+    workspace: str | None = WORKSPACE_OPT,
+    cluster: str | None = typer.Option(
+        None, "--cluster", "-c",
+        help="local, kubernetes, or a Dask scheduler address (tcp://host:8786[,ray://host:10001]); "
+             "default: the spec's cluster section."),
+    retries: int | None = typer.Option(None, "--retries", min=0, help="Extra attempts of a failed stage."),
+    concurrency: int | None = typer.Option(None, "--concurrency", min=1, help="Datasets processed at once."),
+) -> None:
+    """Run every stage of every dataset, skipping what is already complete, and write the report."""
+    from xrdscale.campaign.progress import CampaignProgress
+    from xrdscale.campaign.runner import run_campaign
+    from xrdscale.cluster import cluster_from_option
+
+    spec = _load(spec_url, workspace)
+    update = {}
+    if cluster is not None:
+        update["cluster"] = cluster_from_option(cluster, spec.cluster)
+    runner_cfg = {k: v for k, v in {"retries": retries, "concurrency": concurrency}.items() if v is not None}
+    if runner_cfg:
+        update["runner"] = spec.runner.model_copy(update=runner_cfg)
+    spec = spec.model_copy(update=update)
+    console = Console(stderr=True)
+    with CampaignProgress(console) as progress:
+        result = run_campaign(spec, on_event=progress.event, on_connect=progress.connected)
+    out = Console()
+    for did, maps in result.maps.items():
+        out.print(f"maps of {did}: {storage.redact(maps)}", highlight=False, soft_wrap=True)
+    if result.report:
+        out.print(f"report: {storage.redact(storage.join(result.report, 'index.html'))}", highlight=False,
+                  soft_wrap=True)
+    if not result.ok:
+        for did, err in result.failed.items():
+            console.print(f"[bold red]failed[/] {did}: {err}", highlight=False, soft_wrap=True)
+        console.print(f"{len(result.failed)} failure(s); fix the cause and run the same command again to resume")
+        raise typer.Exit(1)
+
+
+@app.command("status")
+def status_cmd(spec_url: str = SPEC_ARG, workspace: str | None = WORKSPACE_OPT) -> None:
+    """Show the latest status, attempts, times and errors of every (dataset, stage) from the job store."""
+    from xrdscale.campaign.runner import open_job_store
+
+    spec = _load(spec_url, workspace)
+    store = open_job_store(spec)
+    try:
+        latest = store.latest(spec.campaign)
+        runs = len(store.invocation_ids(spec.campaign))
+    finally:
+        store.close()
+    out = Console()
+    if not latest:
+        out.print(f"campaign {spec.campaign!r} has not been run yet (job store {store.display_url})")
+        return
+    table = Table(title=f"campaign {spec.campaign} — {runs} run(s)")
+    for col in ("dataset", "stage", "status", "attempts", "ended", "error"):
+        table.add_column(col)
+    order = [CAMPAIGN] + [d.id for d in spec.datasets()]
+    for (did, stage), r in sorted(latest.items(), key=lambda kv: order.index(kv[0][0]) if kv[0][0] in order else 0):
+        ended = r.ended_at.strftime("%Y-%m-%d %H:%M:%S") if r.ended_at else ""
+        table.add_row(did, stage, r.status, str(r.attempts), ended, (r.error or "")[:120])
+    out.print(table)
+
+
+@app.command("report")
+def report_cmd(spec_url: str = SPEC_ARG, workspace: str | None = WORKSPACE_OPT) -> None:
+    """Write the campaign report from the datasets whose maps are complete, and print where it is."""
+    from xrdscale.campaign.runner import Plan, Runner, is_done, open_job_store
+    from xrdscale.exceptions import InputError
+
+    spec = _load(spec_url, workspace)
+    plan = Plan(spec)
+    finished = {did: tasks[-1] for did, tasks in plan.dataset_tasks.items() if is_done(tasks[-1])}
+    task = plan.report_task(finished)
+    if task is None:
+        raise InputError(f"campaign {spec.campaign!r}: no dataset has complete maps yet; run "
+                         f"`xrdscale campaign run {spec_url}` first")
+    store = open_job_store(spec)
+    try:
+        runner = Runner(plan, store)
+        runner.invocation = store.start_invocation(spec.campaign)
+        status = "failed"
+        try:
+            url = runner.run_task(task)
+            status = "done"
+        finally:
+            store.end_invocation(runner.invocation, status)
+    finally:
+        store.close()
+    Console().print(f"report of {len(finished)} dataset(s): {storage.redact(storage.join(url, 'index.html'))}",
+                    highlight=False, soft_wrap=True)
+
+
+def register(root: typer.Typer) -> None:
+    """Add the ``campaign`` sub-app to the root app."""
+    root.add_typer(app, name="campaign")
+
