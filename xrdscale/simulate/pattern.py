@@ -2,8 +2,8 @@
 
 ``q = 4π sin θ / λ``. A reflection's integrated intensity is
 ``I_hkl = K · scale · m|F|² · LP(θ) / V²`` with ``LP = (1 + cos² 2θ) / (sin² θ cos θ)``
-and ``K = INTENSITY_UNIT`` (a fixed constant: at scale 1 the strongest peak of Cu reaches
-~10⁵ counts per 1/Å-normalised bin, of NCA ~10³ and of graphite ~10²). Each peak is a Thompson–Cox–Hastings pseudo-Voigt of
+and ``K = INTENSITY_UNIT`` (a fixed constant: at scale 1 and W = 4·10⁻⁴ deg² the strongest peak of Cu
+reaches ~3·10³ counts, of NCA ~5·10² and of graphite ~1.4·10²). Each peak is a Thompson–Cox–Hastings pseudo-Voigt of
 unit area in 2θ [deg]: Gaussian FWHM ``H_G² = U tan²θ + V tanθ + W`` and Lorentzian FWHM
 ``H_L = X / cosθ + (180/π) · 0.9 λ / (L cosθ)`` (Scherrer, L the crystallite size).
 Profiles are mapped onto the q grid with the Jacobian ``d2θ/dq`` so integrated
@@ -26,9 +26,9 @@ from xrdscale.simulate.phases import AmorphousPeak, Phase
 logger = logging.getLogger(__name__)
 
 #: Constant K of the integrated intensity (see module docstring).
-INTENSITY_UNIT = 1.0e-5
+INTENSITY_UNIT = 1.0e-2
 #: Integrated intensity [counts · 1/Å] of a non-crystalline peak of scale 1.
-AMORPHOUS_AREA = 10.0
+AMORPHOUS_AREA = 2.0
 _DEG = 180.0 / np.pi
 _MAX_FLOATS = 4_000_000  # evaluation block size (floats) that bounds memory per call
 #: Half-width of the window a peak is evaluated on, in FWHM.
@@ -239,15 +239,43 @@ def simulate_patterns(q: np.ndarray, phases: Sequence[Phase | AmorphousPeak],
             _add_amorphous(out, q, phase, p, n)
         else:
             _add_crystalline(out, q, tth_q, jac, phase, p, n, instrument)
+    return add_background_and_noise(out, q, background, counts, rng)
+
+
+def add_background_and_noise(patterns: np.ndarray, q: np.ndarray, background: np.ndarray | None,
+                             counts: np.ndarray | None, rng: np.random.Generator | None) -> np.ndarray:
+    """Add a Chebyshev background and Poisson noise to noise-free patterns.
+
+    Parameters
+    ----------
+    patterns : ndarray (N, npt)
+        Noise-free patterns in absolute units.
+    q : ndarray (npt,)
+        The q grid; the background's Chebyshev variable maps its range to [-1, 1].
+    background : ndarray (N, k) or None
+        Chebyshev coefficients (absolute units).
+    counts : ndarray (N,) or None
+        Total counts per pattern: each pattern is scaled to this total, drawn from a
+        Poisson distribution and scaled back, so its units stay absolute.
+    rng : numpy.random.Generator or None
+        Random generator for the noise.
+
+    Returns
+    -------
+    ndarray (N, npt) float32
+    """
+    out = np.asarray(patterns, dtype=np.float64)
     if background is not None:
         bg = np.atleast_2d(np.asarray(background, dtype=float))
         x = 2 * (q - q[0]) / (q[-1] - q[0]) - 1
-        out += bg @ np.polynomial.chebyshev.chebvander(x, bg.shape[1] - 1).T
+        out = out + bg @ np.polynomial.chebyshev.chebvander(x, bg.shape[1] - 1).T
     if counts is not None:
         rng = rng or np.random.default_rng()
         total = out.sum(axis=1, keepdims=True)
-        factor = np.where(total > 0, np.asarray(counts, dtype=float).reshape(-1, 1) / np.where(total > 0, total, 1), 0)
-        out = np.where(factor > 0, rng.poisson(np.clip(out * factor, 0, None)) / np.where(factor > 0, factor, 1), out)
+        ok = total > 0
+        factor = np.where(ok, np.asarray(counts, dtype=float).reshape(-1, 1) / np.where(ok, total, 1.0), 1.0)
+        noisy = rng.poisson(np.clip(out * factor, 0, None)) / factor
+        out = np.where(ok, noisy, out)
     return out.astype(np.float32)
 
 

@@ -93,11 +93,13 @@ class Phase:
     """A crystalline phase built from a structure with gemmi.
 
     Use :meth:`from_cif` or :func:`builtin_phase`; the dataclass fields are internal.
+    ``cell_contents`` holds the atoms per unit cell by element (occupancies included).
     """
 
     name: str
     structure: gemmi.SmallStructure = field(repr=False)
     system: str
+    cell_contents: dict[str, float] = field(repr=False)
     source: str = ""
 
     # -- construction ---------------------------------------------------------------
@@ -108,7 +110,7 @@ class Phase:
         Parameters
         ----------
         path : str
-            Path of the CIF (local file).
+            Path or fsspec URL of the CIF.
         name : str, optional
             Phase name (default: the file's stem).
 
@@ -117,13 +119,22 @@ class Phase:
         InputError
             The file is missing, is not a CIF, or lacks a cell, a space group or sites.
         """
-        if not os.path.isfile(path):
+        from xrdscale import storage
+
+        if storage.is_remote(path):
+            if not storage.exists(path):
+                raise InputError(f"CIF file {path!r} does not exist; give the URL of a crystal structure (.cif)")
+            text = storage.read_bytes(path).decode("utf-8", errors="replace")
+        elif not os.path.isfile(path):
             raise InputError(f"CIF file {path!r} does not exist; give the path of a crystal structure (.cif)")
+        else:
+            with open(path, encoding="utf-8", errors="replace") as f:
+                text = f.read()
         try:
-            small = gemmi.read_small_structure(path)
+            small = gemmi.make_small_structure_from_block(gemmi.cif.read_string(text).sole_block())
         except (RuntimeError, ValueError) as exc:
             raise InputError(f"CIF file {path!r} is malformed: {exc}") from exc
-        return cls._from_small(small, name or os.path.splitext(os.path.basename(path))[0], path)
+        return cls._from_small(small, name or os.path.splitext(os.path.basename(path.rstrip("/")))[0], path)
 
     @classmethod
     def from_parameters(cls, name: str, spacegroup: str, lattice: dict[str, float],
@@ -141,24 +152,21 @@ class Phase:
         sites : list of (element, x, y, z, occupancy)
             Asymmetric-unit sites in fractional coordinates.
         """
-        small = gemmi.SmallStructure()
-        small.name = name
         sg = gemmi.find_spacegroup_by_name(str(spacegroup))
         if sg is None:
             raise InputError(f"unknown space group {spacegroup!r} for phase {name!r}")
-        small.spacegroup_hm = sg.xhm()
-        a = lattice["a"]
-        b = lattice.get("b", a)
-        c = lattice.get("c", a)
-        gamma = lattice.get("gamma", 120.0 if sg.crystal_system_str() in ("hexagonal", "trigonal") else 90.0)
-        small.cell = gemmi.UnitCell(a, b, c, lattice.get("alpha", 90.0), lattice.get("beta", 90.0), gamma)
-        for el, x, y, z, occ in sites:
-            site = gemmi.SmallStructure.Site()
-            site.label = f"{el}{len(small.sites) + 1}"
-            site.element = gemmi.Element(el)
-            site.fract = gemmi.Fractional(x, y, z)
-            site.occ = occ
-            small.add_site(site)
+        hexagonal = sg.crystal_system_str() in ("hexagonal", "trigonal")
+        a = float(lattice["a"])
+        cell = {"a": a, "b": float(lattice.get("b", a)), "c": float(lattice.get("c", a)),
+                "alpha": lattice.get("alpha", 90.0), "beta": lattice.get("beta", 90.0),
+                "gamma": lattice.get("gamma", 120.0 if hexagonal else 90.0)}
+        lines = [f"data_{name}", f"_space_group_name_H-M_alt '{sg.xhm()}'"]
+        lines += [f"_cell_length_{k} {cell[k]!r}" for k in ("a", "b", "c")]
+        lines += [f"_cell_angle_{k} {float(cell[k])!r}" for k in ("alpha", "beta", "gamma")]
+        lines += ["loop_", "_atom_site_label", "_atom_site_type_symbol", "_atom_site_fract_x",
+                  "_atom_site_fract_y", "_atom_site_fract_z", "_atom_site_occupancy"]
+        lines += [f"{el}{i + 1} {el} {x!r} {y!r} {z!r} {occ!r}" for i, (el, x, y, z, occ) in enumerate(sites)]
+        small = gemmi.make_small_structure_from_block(gemmi.cif.read_string("\n".join(lines) + "\n").sole_block())
         return cls._from_small(small, name, f"{sg.xhm()} {lattice}")
 
     @classmethod
@@ -181,7 +189,13 @@ class Phase:
         if system not in LATTICE_KEYS:
             raise InputError(f"phase {name!r} is {system}; xrdscale handles cubic, tetragonal, "
                              "trigonal (hexagonal setting) and hexagonal phases")
-        return cls(name=name, structure=small, system=system, source=source)
+        contents: dict[str, float] = {}
+        for site in small.get_all_unit_cell_sites():
+            contents[site.element.name] = contents.get(site.element.name, 0.0) + site.occ
+        # gemmi sums structure factors over all symmetry images of each site: divide the
+        # occupancy of sites on special positions by their multiplicity.
+        small.change_occupancies_to_crystallographic()
+        return cls(name=name, structure=small, system=system, cell_contents=contents, source=source)
 
     # -- lattice ------------------------------------------------------------------
     @property
@@ -220,14 +234,6 @@ class Phase:
         return math.sqrt(3.0) / 2.0 * a * a * c
 
     # -- composition ----------------------------------------------------------------
-    @functools.cached_property
-    def cell_contents(self) -> dict[str, float]:
-        """Atoms per unit cell by element (occupancies included)."""
-        counts: dict[str, float] = {}
-        for site in self.structure.get_all_unit_cell_sites():
-            counts[site.element.name] = counts.get(site.element.name, 0.0) + site.occ
-        return counts
-
     @property
     def cell_mass(self) -> float:
         """Mass of the unit cell [g/mol] (= Z · M)."""
