@@ -1,0 +1,174 @@
+"""Predicting chemical maps: a ``volume`` (or ``patterns``) store through PQ-Net actors to ``maps``.
+
+Dask reads pixel chunks of the input store (full q per chunk), each task interpolates its
+patterns onto the model's q grid, checks them, sends them in batches to the Ray actors of
+a :class:`~xrdscale.pqnet.serve.ServerPool` and returns mean and standard deviation. The
+``maps`` store (shared/DESIGN.md) gets ``scale``, ``a``, ``c``, ``size`` with ``<name>_std``
+over (phase, y, x) — or (phase, frame) for a ``patterns`` store — NaN where the model does
+not predict a parameter for a phase. No pattern passes through the driver.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+
+import dask.array as da
+import numpy as np
+import xarray as xr
+
+from xrdscale import storage
+from xrdscale.exceptions import InputError
+from xrdscale.pqnet.registry import open_entry
+from xrdscale.pqnet.serve import ServerPool, actor_handles, predict_batches
+
+logger = logging.getLogger(__name__)
+
+#: Map variable of each predicted parameter.
+MAP_VARS = {"scale": "scale", "a": "a", "c": "c", "size_nm": "size"}
+#: Target number of floats of one input chunk (bounds each task's memory).
+CHUNK_FLOATS = 4_000_000
+
+
+def interpolation(q_data: np.ndarray, q_model: np.ndarray, what: str) -> tuple[np.ndarray, np.ndarray]:
+    """Indices and weights mapping patterns on ``q_data`` linearly onto ``q_model``.
+
+    Raises
+    ------
+    InputError
+        The model's q range is not inside the data's (half a data step of slack).
+    """
+    q_data = np.asarray(q_data, dtype=np.float64)
+    tol = 0.5 * float(np.median(np.diff(q_data))) if q_data.size > 1 else 0.0
+    if q_model[0] < q_data[0] - tol or q_model[-1] > q_data[-1] + tol:
+        raise InputError(
+            f"the model's q grid [{q_model[0]:.4g}, {q_model[-1]:.4g}] 1/Å is not covered by the q range "
+            f"[{q_data[0]:.4g}, {q_data[-1]:.4g}] 1/Å of {what}; integrate the data over a wider q range or use a "
+            "model trained on a q range inside the data's")
+    qm = np.clip(q_model, q_data[0], q_data[-1])
+    hi = np.clip(np.searchsorted(q_data, qm), 1, q_data.size - 1)
+    w = (qm - q_data[hi - 1]) / (q_data[hi] - q_data[hi - 1])
+    return hi, w.astype(np.float32)
+
+
+def _predict_block(block: np.ndarray, hi: np.ndarray, w: np.ndarray, names: list[str], address: str | None,
+                   batch: int, what: str, block_info=None) -> np.ndarray:
+    loc = block_info[0]["array-location"] if block_info else [(0, 0)] * block.ndim
+    pix_shape = block.shape[:-1]
+    x = np.asarray(block, dtype=np.float32).reshape(-1, block.shape[-1])
+    x = x[:, hi - 1] * (1 - w) + x[:, hi] * w
+    bad = ~np.isfinite(x).all(axis=1)
+    if bad.any():
+        idx = np.unravel_index(int(np.flatnonzero(bad)[0]), pix_shape)
+        where = ", ".join(f"{d}={i + lo}" for d, i, (lo, _) in zip(("y", "x") if len(pix_shape) == 2 else ("frame",),
+                                                                    idx, loc, strict=False))
+        raise InputError(f"{what}: the pattern at {where} contains NaN or infinite intensities "
+                         f"({int(bad.sum())} bad pattern(s) in this chunk); mask or repair them before predicting")
+    handles = actor_handles(names, address)
+    mean, std = predict_batches(handles, x, batch=batch, offset=int(loc[0][0]))
+    out = np.concatenate([mean, std], axis=1).astype(np.float32)
+    return out.reshape(*pix_shape, out.shape[1])
+
+
+def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch: int = 4096, engine: str = "onnx",
+            device: str = "auto", threads: int = 1, pool: ServerPool | None = None, client=None,
+            progress: bool = False) -> str:
+    """Predict the ``maps`` store of a ``volume`` or ``patterns`` store with a PQ-Net ensemble.
+
+    Parameters
+    ----------
+    model_url : str
+        Registry entry (from :func:`xrdscale.pqnet.train.train_ensemble`).
+    in_url : str
+        A complete ``volume`` store (intensity (y, x, q)) or ``patterns`` store (intensity (frame, q)).
+    out_url : str
+        Destination ``maps`` store.
+    actors : int
+        Ray actors to start, each holding the whole ensemble (ignored when ``pool`` is given).
+    batch : int
+        Patterns per actor call.
+    engine : {"onnx", "torch"}
+        Inference engine of the actors.
+    device : {"auto", "cpu", "cuda"}
+        Actor device (``auto``: one GPU per actor when Ray has GPUs).
+    threads : int
+        CPU threads per actor.
+    pool : ServerPool, optional
+        Already running actors for this model (they are left running).
+    client : distributed.Client, optional
+        Dask client; the current/default scheduler otherwise.
+    progress : bool
+        Show a progress bar (local scheduler).
+
+    Returns
+    -------
+    str
+        ``out_url``.
+
+    Examples
+    --------
+    >>> predict("models/nca", "work/c1/volume.zarr", "work/c1/maps.zarr", actors=2)  # doctest: +SKIP
+    """
+    entry = open_entry(model_url)
+    ds = storage.open_store(in_url)
+    stage = ds.attrs.get("stage")
+    if "intensity" not in ds or "q" not in ds.coords:
+        raise InputError(f"{storage.redact(in_url)} ({stage!r} store) has no intensity(…, q); give a volume "
+                         "(y, x, q) or patterns (frame, q) store")
+    inten = ds["intensity"]
+    pix_dims = inten.dims[:-1]
+    if inten.dims[-1] != "q" or pix_dims not in (("y", "x"), ("frame",)):
+        raise InputError(f"{storage.redact(in_url)}: intensity has dims {inten.dims}; expected (y, x, q) or (frame, q)")
+    what = f"{stage or 'input'} store {storage.redact(in_url)}"
+    hi, w = interpolation(ds["q"].values, entry.q, what)
+    arr = inten.data
+    nq = arr.shape[-1]
+    per = max(1, CHUNK_FLOATS // nq)
+    if len(pix_dims) == 2:
+        rows = max(1, per // arr.shape[1])
+        arr = arr.rechunk((min(rows, arr.shape[0]), arr.shape[1] if rows > 1 else min(per, arr.shape[1]), nq))
+    else:
+        arr = arr.rechunk((min(per, arr.shape[0]), nq))
+    routes = entry.spec.routes
+    own = pool is None
+    if own:
+        pool = ServerPool(model_url, actors=actors, engine=engine, device=device, threads=threads)
+    try:
+        pred = da.map_blocks(_predict_block, arr, hi, w, pool.names, pool.address, batch, what,
+                             dtype=np.float32, chunks=(*arr.chunks[:-1], (2 * len(routes),)))
+        maps = _assemble(pred, routes, entry.spec.phases, pix_dims, ds)
+        maps.attrs.update(model_id=entry.id, model=storage.redact(model_url), source=storage.redact(in_url),
+                          source_stage=stage or "")
+        config = {"model": storage.redact(model_url), "model_id": entry.id, "input": storage.redact(in_url),
+                  "actors": len(pool.names), "batch": batch, "engine": engine, "device": pool.device}
+        with _progress(progress and client is None), (client.as_current() if client else contextlib.nullcontext()):
+            storage.write_store(maps, out_url, stage="maps", config=config, marker={"model_id": entry.id})
+    finally:
+        if own:
+            pool.close()
+    return out_url
+
+
+def _assemble(pred, routes, phases, pix_dims, ds) -> xr.Dataset:
+    """Turn the (…, 2R) prediction array into the maps variables (phase, …)."""
+    n_routes = len(routes)
+    index = {r: j for j, r in enumerate(routes)}
+    nan = da.full(pred.shape[:-1], np.nan, dtype=np.float32, chunks=pred.chunks[:-1])
+    data = {}
+    for param, var in MAP_VARS.items():
+        for suffix, off in (("", 0), ("_std", n_routes)):
+            layers = [pred[..., index[(p, param)] + off] if (p, param) in index else nan for p in phases]
+            data[var + suffix] = (("phase", *pix_dims), da.stack(layers, axis=0))
+    coords = {"phase": list(phases)}
+    for name, c in ds.coords.items():
+        if name != "q" and set(c.dims) <= set(pix_dims):
+            coords[name] = c
+    return xr.Dataset(data, coords=coords)
+
+
+def _progress(show: bool):
+    if not show:
+        return contextlib.nullcontext()
+    from dask.diagnostics import ProgressBar
+
+    return ProgressBar()

@@ -1,0 +1,172 @@
+"""Serving PQ-Net ensembles from Ray actors.
+
+Each :class:`EnsembleServer` actor loads one registry entry (every member, verified
+against its checksums) onto its device and answers ``predict(batch_id, patterns)`` with the
+ensemble mean and standard deviation. ``predict`` is a pure function of its arguments, so
+Ray may run it again after a crash: actors are created with ``max_restarts`` and
+``max_task_retries``, and a killed actor is restarted and its pending batches retried.
+Actors are named in the ``xrdscale`` namespace, so any process attached to the same Ray
+cluster (a Dask worker, for instance) can reach them by name.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+import uuid
+from collections.abc import Sequence
+
+import numpy as np
+
+from xrdscale.exceptions import ConfigError
+from xrdscale.pqnet.engine import ENGINES, Ensemble
+from xrdscale.pqnet.registry import open_entry
+
+logger = logging.getLogger(__name__)
+
+NAMESPACE = "xrdscale"
+#: Restarts of a crashed actor, and retries of a batch it was answering, before giving up.
+MAX_RESTARTS = 4
+
+
+def load_ensemble(model_url: str, *, engine: str = "onnx", device: str = "cpu", threads: int = 1) -> Ensemble:
+    """Load every member of the registry entry at ``model_url`` into one :class:`Ensemble`."""
+    entry = open_entry(model_url)
+    members = [entry.load_member(i) for i in range(len(entry.members))]
+    onnx = [entry.load_onnx(i) for i in range(len(entry.members))] if engine == "onnx" else None
+    return Ensemble(members, onnx, engine=engine, device=device, threads=threads)
+
+
+class EnsembleServer:
+    """Holds one whole ensemble; run as a Ray actor (see :class:`ServerPool`).
+
+    Parameters
+    ----------
+    model_url : str
+        Registry entry.
+    engine : {"onnx", "torch"}
+        Inference engine.
+    device : str
+        ``cpu`` or ``cuda``.
+    threads : int
+        Intra-op threads.
+    """
+
+    def __init__(self, model_url: str, engine: str, device: str, threads: int) -> None:
+        self.ensemble = load_ensemble(model_url, engine=engine, device=device, threads=threads)
+
+    def pid(self) -> int:
+        """Process id of the actor (used to check restarts)."""
+        return os.getpid()
+
+    def predict(self, batch_id: int, patterns: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
+        """Ensemble mean and std of ``patterns`` (batch, npt) on the model grid; idempotent."""
+        mean, std = self.ensemble.predict(patterns)
+        return batch_id, mean, std
+
+
+class ServerPool:
+    """A set of named :class:`EnsembleServer` actors serving one model.
+
+    Parameters
+    ----------
+    model_url : str
+        Registry entry to serve.
+    actors : int
+        Number of actors (each holds the whole ensemble).
+    engine : {"onnx", "torch"}
+        Inference engine.
+    device : {"auto", "cpu", "cuda"}
+        ``auto``: one GPU per actor when Ray reports GPUs, CPU otherwise.
+    threads : int
+        CPUs (and intra-op threads) per actor on CPU.
+    """
+
+    def __init__(self, model_url: str, *, actors: int = 1, engine: str = "onnx", device: str = "auto",
+                 threads: int = 1) -> None:
+        import ray
+
+        if actors < 1:
+            raise ConfigError(f"actors={actors}; give at least 1")
+        if engine not in ENGINES:
+            raise ConfigError(f"unknown inference engine {engine!r}; expected one of {', '.join(ENGINES)}")
+        open_entry(model_url).verify()  # fail here, with a clear error, on a missing/partial/corrupt entry
+        if not ray.is_initialized():
+            ray.init(include_dashboard=False, log_to_driver=False)
+        gpus = ray.cluster_resources().get("GPU", 0)
+        if device == "auto":
+            device = "cuda" if gpus >= 1 else "cpu"
+        self.device = device
+        self.address = ray.get_runtime_context().gcs_address
+        tag = uuid.uuid4().hex[:8]
+        self.names = [f"pqnet-{tag}-{i}" for i in range(actors)]
+        cls = ray.remote(EnsembleServer)
+        opts = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": threads}
+        self.handles = [cls.options(name=n, namespace=NAMESPACE, max_restarts=MAX_RESTARTS,
+                                    max_task_retries=MAX_RESTARTS, **opts).remote(model_url, engine, device, threads)
+                        for n in self.names]
+        ray.get([h.pid.remote() for h in self.handles])
+        logger.info("serving %s from %d actor(s) on %s (%s)", model_url, actors, device, engine)
+
+    def pids(self) -> list[int]:
+        """Process ids of the actors."""
+        import ray
+
+        return ray.get([h.pid.remote() for h in self.handles])
+
+    def close(self) -> None:
+        """Stop the actors."""
+        import ray
+
+        for h in self.handles:
+            ray.kill(h, no_restart=True)
+
+    def __enter__(self) -> ServerPool:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def actor_handles(names: Sequence[str], address: str | None) -> list:
+    """Handles of named actors, attaching this process to the Ray cluster if needed."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    return [ray.get_actor(n, namespace=NAMESPACE) for n in names]
+
+
+def predict_batches(handles: Sequence, patterns: np.ndarray, *, batch: int, offset: int = 0,
+                    attempts: int = MAX_RESTARTS) -> tuple[np.ndarray, np.ndarray]:
+    """Send ``patterns`` in batches round-robin to the actors; return mean and std.
+
+    Batches whose actor died are re-sent (``predict`` is idempotent) until ``attempts``
+    failures, while Ray restarts the actor.
+    """
+    import ray
+
+    starts = list(range(0, len(patterns), batch))
+    results: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+    for attempt in range(attempts + 1):
+        todo = [s for s in starts if s not in results]
+        refs = [handles[(offset + k) % len(handles)].predict.remote(s, patterns[s:s + batch])
+                for k, s in enumerate(todo)]
+        failed = None
+        for ref in refs:
+            try:
+                s, mean, std = ray.get(ref)
+                results[s] = (mean, std)
+            except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
+                failed = exc
+        if failed is None:
+            break
+        if attempt == attempts:
+            raise failed
+        logger.warning("an inference actor failed (%s); retrying %d batch(es)", type(failed).__name__,
+                       len(starts) - len(results))
+        time.sleep(0.5 * (attempt + 1))
+    mean = np.concatenate([results[s][0] for s in starts])
+    std = np.concatenate([results[s][1] for s in starts])
+    return mean, std

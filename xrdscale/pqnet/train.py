@@ -1,0 +1,278 @@
+"""Training a PQ-Net deep ensemble from a library store into a model-registry entry.
+
+The library is split by sample index into training (first 80 %), validation (next 10 %,
+for early stopping) and held-out test (last 10 %, never seen in training) sets. Every
+member trains with the paper's recipe (MAE on standardised targets, Adam, batch 32,
+learning rate 5e-4, early stopping with patience 5) from its own seed; members run as
+Ray tasks in parallel (one GPU each where there are GPUs) or one after the other in this
+process. Training data stream from the store in windows, so memory stays bounded for
+libraries of any size. The ensemble's test metrics go into the registry entry.
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import math
+import time
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+from torch import nn
+
+from xrdscale import storage
+from xrdscale.exceptions import ConfigError, InputError
+from xrdscale.pqnet import registry
+from xrdscale.pqnet.engine import Ensemble, export_onnx
+from xrdscale.pqnet.library import label_var, open_library
+from xrdscale.pqnet.model import ModelSpec, PQNet, pattern_norm
+
+logger = logging.getLogger(__name__)
+
+#: Samples read from the store at a time while training (bounds memory).
+WINDOW = 32768
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """Hyper-parameters of one member (the paper's defaults)."""
+
+    epochs: int = 35
+    batch: int = 32
+    lr: float = 5e-4
+    patience: int = 5
+    device: str = "cpu"
+    threads: int = 1
+
+
+def split(n: int) -> tuple[slice, slice, slice]:
+    """Training, validation and held-out test index ranges of an ``n``-sample library."""
+    n_test = max(1, n // 10)
+    n_val = max(1, n // 10)
+    n_train = n - n_val - n_test
+    if n_train < 1:
+        raise ConfigError(f"a library of {n} patterns is too small to split into training, validation and test; "
+                          "simulate at least 10 patterns (thousands for a useful model)")
+    return slice(0, n_train), slice(n_train, n_train + n_val), slice(n_train + n_val, n)
+
+
+def _select_routes(labels: list[tuple[str, str]], outputs: list[str] | None) -> list[tuple[str, str]]:
+    if not outputs:
+        return list(labels)
+    phases = {p for p, _ in labels}
+    chosen = []
+    for item in outputs:
+        if "." in item:
+            phase, param = item.split(".", 1)
+            if (phase, param) not in labels:
+                raise ConfigError(f"output {item!r} is not a label of the library (phases: {', '.join(sorted(phases))};"
+                                  f" labels: {', '.join(f'{p}.{k}' for p, k in labels)})")
+            chosen.append((phase, param))
+        else:
+            hits = [lb for lb in labels if lb[1] == item]
+            if not hits:
+                raise ConfigError(f"output {item!r} matches no label of the library; use scale, a, c, size_nm "
+                                  "or PHASE.PARAM")
+            chosen += hits
+    return [lb for lb in labels if lb in set(chosen)]
+
+
+def _read(ds, labels_sel: list[tuple[str, str]], sl: slice) -> tuple[np.ndarray, np.ndarray]:
+    """Patterns and raw label matrix of a slice."""
+    x = np.asarray(ds["patterns"][sl].values, dtype=np.float32)
+    y = np.stack([np.asarray(ds[label_var(p, k)][sl].values, dtype=np.float64) for p, k in labels_sel], axis=1)
+    if not np.isfinite(x).all():
+        bad = int(np.flatnonzero(~np.isfinite(x).all(axis=1))[0]) + (sl.start or 0)
+        raise InputError(f"library pattern {bad} contains NaN/inf; regenerate the library")
+    return x, y
+
+
+def _relative(x: np.ndarray, y: np.ndarray, scale_mask: np.ndarray) -> np.ndarray:
+    """Targets in network units: scale factors divided by the pattern norm."""
+    norm = pattern_norm(torch.from_numpy(x)).numpy().astype(np.float64)
+    return np.where(scale_mask[None, :], y / norm, y)
+
+
+def train_member(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig) -> registry.MemberFiles:
+    """Train one member (usable as a Ray task); returns its weights, ONNX export and record."""
+    torch.set_num_threads(max(1, cfg.threads))
+    torch.manual_seed(seed)
+    rng = np.random.default_rng(seed)
+    spec = ModelSpec.from_dict(spec_dict)
+    ds, _ = open_library(library_url)
+    train_sl, val_sl, _ = split(ds.sizes["sample"])
+    mask = np.array(spec.scale_mask)
+    mean, std = np.array(spec.target_mean), np.array(spec.target_std)
+
+    def prepared(sl: slice) -> tuple[torch.Tensor, torch.Tensor]:
+        x, y = _read(ds, list(spec.routes), sl)
+        t = (_relative(x, y, mask) - mean) / std
+        x = x / pattern_norm(torch.from_numpy(x)).numpy()
+        return torch.from_numpy(x), torch.from_numpy(t.astype(np.float32))
+
+    model = PQNet(spec).to(cfg.device)
+    opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    loss_fn = nn.L1Loss()
+    xv, tv = prepared(val_sl)
+    starts = list(range(train_sl.start, train_sl.stop, WINDOW))
+    cached = prepared(train_sl) if len(starts) == 1 else None
+    best, best_state, bad_epochs = math.inf, None, 0
+    curves: dict[str, list[float]] = {"train_mae": [], "val_mae": [], "epoch_seconds": []}
+    for epoch in range(cfg.epochs):
+        t0 = time.perf_counter()
+        model.train()
+        total, count = 0.0, 0
+        for s in rng.permutation(starts):
+            xw, tw = cached if cached is not None else prepared(slice(s, min(s + WINDOW, train_sl.stop)))
+            order = torch.from_numpy(rng.permutation(len(xw)))
+            for i in range(0, len(order), cfg.batch):
+                idx = order[i:i + cfg.batch]
+                xb, tb = xw[idx].to(cfg.device), tw[idx].to(cfg.device)
+                opt.zero_grad()
+                loss = loss_fn(model.standardised(xb), tb)
+                loss.backward()
+                opt.step()
+                total += loss.item() * len(idx)
+                count += len(idx)
+        model.eval()
+        with torch.inference_mode():
+            val = float(sum(loss_fn(model.standardised(xv[i:i + 4096].to(cfg.device)), tv[i:i + 4096].to(cfg.device))
+                            * len(xv[i:i + 4096]) for i in range(0, len(xv), 4096)) / len(xv))
+        curves["train_mae"].append(total / count)
+        curves["val_mae"].append(val)
+        curves["epoch_seconds"].append(time.perf_counter() - t0)
+        logger.info("member seed %d epoch %d: train %.4f val %.4f", seed, epoch + 1, total / count, val)
+        if val < best - 1e-6:
+            best, bad_epochs = val, 0
+            best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
+        else:
+            bad_epochs += 1
+            if bad_epochs >= cfg.patience:
+                break
+    model = model.cpu()
+    model.load_state_dict(best_state)
+    info = {"seed": seed, "epochs_run": len(curves["val_mae"]), "best_val_mae": best, "curves": curves}
+    return registry.MemberFiles(state=registry.state_bytes(model), onnx=export_onnx(model), info=info)
+
+
+def _spec_for(ds, routes: list[tuple[str, str]], train_sl: slice, phases: list[str], chunk: int) -> ModelSpec:
+    """Target standardisation from the training split (read in windows)."""
+    mask = np.array([k == "scale" for _, k in routes])
+    s1 = np.zeros(len(routes))
+    s2 = np.zeros(len(routes))
+    n = 0
+    for s in range(train_sl.start, train_sl.stop, chunk):
+        x, y = _read(ds, routes, slice(s, min(s + chunk, train_sl.stop)))
+        t = _relative(x, y, mask)
+        s1 += t.sum(0)
+        s2 += (t ** 2).sum(0)
+        n += len(t)
+    mean = s1 / n
+    std = np.sqrt(np.maximum(s2 / n - mean ** 2, 0.0))
+    const = [f"{p}.{k}" for (p, k), sd, mu in zip(routes, std, mean, strict=True) if sd <= 1e-9 * max(1.0, abs(mu))]
+    if const:
+        raise ConfigError(f"outputs {', '.join(const)} do not vary in the library; leave them out with --outputs")
+    return ModelSpec(phases=tuple(phases), routes=tuple(routes), npt=int(ds.sizes["q"]),
+                     target_mean=tuple(float(v) for v in mean), target_std=tuple(float(v) for v in std))
+
+
+def _r2(true: np.ndarray, pred: np.ndarray) -> float:
+    ss = float(((true - true.mean()) ** 2).sum())
+    return float(1.0 - ((true - pred) ** 2).sum() / ss) if ss > 0 else float("nan")
+
+
+def evaluate(ensemble: Ensemble, ds, routes: list[tuple[str, str]], sl: slice) -> dict:
+    """Held-out metrics of an ensemble: R² and MAE per output, mean ensemble std."""
+    preds, stds, trues = [], [], []
+    for s in range(sl.start, sl.stop, WINDOW):
+        x, y = _read(ds, routes, slice(s, min(s + WINDOW, sl.stop)))
+        m, sd = ensemble.predict(x)
+        preds.append(m)
+        stds.append(sd)
+        trues.append(y)
+    pred, std, true = (np.concatenate(v) for v in (preds, stds, trues))
+    out: dict[str, dict[str, float]] = {}
+    for j, (p, k) in enumerate(routes):
+        out[f"{p}.{k}"] = {"r2": _r2(true[:, j], pred[:, j]), "mae": float(np.abs(true[:, j] - pred[:, j]).mean()),
+                           "mean_std": float(std[:, j].mean())}
+    return {"n_test": int(sl.stop - sl.start), "outputs": out}
+
+
+def train_ensemble(library_url: str, model_url: str, *, ensemble: int = 10, epochs: int = 35, batch: int = 32,
+                   lr: float = 5e-4, patience: int = 5, outputs: list[str] | None = None, device: str = "auto",
+                   parallel: bool = True, seed: int = 0, model_options: dict | None = None) -> str:
+    """Train a deep ensemble on a library store and write its registry entry.
+
+    Parameters
+    ----------
+    library_url : str
+        A complete ``pqnet-library`` store (from :func:`xrdscale.pqnet.library.make_library`).
+    model_url : str
+        Registry entry to write (any fsspec URL).
+    ensemble : int
+        Number of members (they differ by seed).
+    epochs, batch, lr, patience : int, int, float, int
+        Maximum epochs, batch size, Adam learning rate, early-stopping patience.
+    outputs : list of str, optional
+        Outputs to predict: parameter names (``scale``, ``a``, ``c``, ``size_nm``) or
+        ``PHASE.PARAM``; all labels of the library by default.
+    device : {"auto", "cpu", "cuda"}
+        ``auto`` uses CUDA when torch sees a GPU.
+    parallel : bool
+        Train members as parallel Ray tasks (one GPU each on GPU machines).
+    seed : int
+        Member ``i`` uses seed ``seed + i``.
+    model_options : dict, optional
+        Architecture widths (``pattern_channels``, ``phase_channels``, ``hidden``, kernels).
+
+    Returns
+    -------
+    str
+        The id of the registry entry.
+    """
+    if ensemble < 1 or epochs < 1 or batch < 1:
+        raise ConfigError(f"ensemble={ensemble}, epochs={epochs}, batch={batch}: each must be at least 1")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device 'cuda' requested but torch sees no GPU; use --device cpu or auto")
+    ds, labels = open_library(library_url)
+    train_sl, _, test_sl = split(ds.sizes["sample"])
+    routes = _select_routes(labels, outputs)
+    phases = list(dict.fromkeys(p for p, _ in routes))
+    base = _spec_for(ds, routes, train_sl, phases, WINDOW)
+    spec = ModelSpec.from_dict({**base.to_dict(), **(model_options or {})})
+    cfg = TrainConfig(epochs=epochs, batch=batch, lr=lr, patience=patience, device=device)
+    seeds = [seed + i for i in range(ensemble)]
+    logger.info("training %d members on %s (%d outputs, %d training patterns)", ensemble, device,
+                len(routes), train_sl.stop)
+    if parallel and ensemble > 1:
+        members = _train_on_ray(library_url, spec, seeds, cfg)
+    else:
+        members = [train_member(library_url, spec.to_dict(), s, cfg) for s in seeds]
+    models = []
+    for m in members:
+        net = PQNet(spec)
+        net.load_state_dict(torch.load(io.BytesIO(m.state), weights_only=True))
+        models.append(net.eval())
+    metrics = evaluate(Ensemble(models, [m.onnx for m in members]), ds, routes, test_sl)
+    config = {"library": storage.redact(library_url), "library_id": ds.attrs.get("created"), "ensemble": ensemble,
+              "epochs": epochs, "batch": batch, "lr": lr, "patience": patience, "device": device, "seed": seed,
+              "n_library": int(ds.sizes["sample"]), "split": [train_sl.stop, test_sl.start, test_sl.stop]}
+    q = np.asarray(ds["q"].values)
+    return registry.write_entry(model_url, spec=spec, q=q, phases_yaml=ds.attrs["phases_yaml"], members=members,
+                                metrics=metrics, config=config)
+
+
+def _train_on_ray(library_url: str, spec: ModelSpec, seeds: list[int], cfg: TrainConfig) -> list:
+    import ray
+
+    if not ray.is_initialized():
+        ray.init(include_dashboard=False, log_to_driver=False)
+    gpus = 1 if cfg.device == "cuda" else 0
+    cpus = 1 if gpus else max(1, int(ray.available_resources().get("CPU", 1)) // len(seeds))
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(train_member)
+    cfg = TrainConfig(**{**cfg.__dict__, "threads": cpus})
+    refs = [task.remote(library_url, spec.to_dict(), s, cfg) for s in seeds]
+    return ray.get(refs)
