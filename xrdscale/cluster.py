@@ -110,6 +110,8 @@ def check_reachable(address: str, *, default_port: int, timeout: float = 3.0, wh
         Name of the service for the message.
     """
     parsed = urlparse(address if "://" in address else f"tcp://{address}")
+    if parsed.scheme in ("inproc", "ucx"):
+        return  # not a TCP address; the client reports failures of these itself
     host, port = parsed.hostname, parsed.port or default_port
     if not host:
         raise ConfigError(f"{what} address {address!r} has no host; expected e.g. tcp://host:{default_port}")

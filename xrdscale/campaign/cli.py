@@ -80,7 +80,8 @@ def status_cmd(spec_url: str = SPEC_ARG, workspace: str | None = WORKSPACE_OPT) 
         store.close()
     out = Console()
     if not latest:
-        out.print(f"campaign {spec.campaign!r} has not been run yet (job store {store.display_url})")
+        out.print(f"campaign {spec.campaign!r} has not been run yet (job store {store.display_url})",
+                  soft_wrap=True, highlight=False)
         return
     table = Table(title=f"campaign {spec.campaign} — {runs} run(s)")
     for col in ("dataset", "stage", "status", "attempts", "ended", "error"):

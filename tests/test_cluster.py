@@ -1,0 +1,96 @@
+"""Cluster connections: local Dask + lazy Ray, unreachable addresses, option parsing."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+
+from xrdscale.campaign.spec import AddressCluster, KubernetesCluster, LocalCluster
+from xrdscale.cluster import check_reachable, cluster_from_option, connect
+from xrdscale.exceptions import ConfigError, StorageError
+
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again when the socket is
+
+
+def test_unreachable_dask_address_fails_before_anything_starts():
+    port = _closed_port()
+    with pytest.raises(StorageError, match=f"Dask scheduler at tcp://127.0.0.1:{port}.*nothing was started"):
+        with connect(AddressCluster(kind="address", dask=f"tcp://127.0.0.1:{port}")):
+            pass
+
+
+def test_unreachable_ray_address_is_checked_too():
+    from distributed import LocalCluster as DaskLocal
+
+    with DaskLocal(n_workers=1, processes=False, protocol="tcp://", dashboard_address=None) as dc:
+        port = _closed_port()
+        spec = AddressCluster(kind="address", dask=dc.scheduler_address, ray=f"ray://127.0.0.1:{port}")
+        with pytest.raises(StorageError, match="Ray cluster"):
+            with connect(spec):
+                pass
+
+
+def test_check_reachable_rejects_addresses_without_host():
+    with pytest.raises(ConfigError, match="has no host"):
+        check_reachable("tcp://:8786", default_port=8786)
+
+
+def test_existing_scheduler_address_connects():
+    from distributed import LocalCluster as DaskLocal
+
+    with DaskLocal(n_workers=1, processes=False, dashboard_address=None) as dc:
+        with connect(AddressCluster(kind="address", dask=dc.scheduler_address)) as (client, ray_handle):
+            assert client.submit(sum, [1, 2, 3]).result() == 6
+            assert ray_handle.address is None and not ray_handle.started
+
+
+def test_kubernetes_needs_a_cluster_name_or_image():
+    with pytest.raises(ConfigError, match="dask_cluster"):
+        with connect(KubernetesCluster(kind="kubernetes")):
+            pass
+
+
+def test_cluster_option_parsing():
+    local = LocalCluster(workers=3)
+    assert cluster_from_option("local", local) is local
+    assert cluster_from_option("kubernetes", local).kind == "kubernetes"
+    a = cluster_from_option("tcp://h:8786,ray://h:10001", local)
+    assert (a.dask, a.ray) == ("tcp://h:8786", "ray://h:10001")
+    assert cluster_from_option("tcp://h:8786", local).ray is None
+    with pytest.raises(ConfigError, match="--cluster"):
+        cluster_from_option("ray://h:10001", local)
+
+
+@pytest.mark.slow
+def test_local_cluster_and_lazy_ray():
+    with connect(LocalCluster(workers=1, dashboard=True)) as (client, ray_handle):
+        assert client.dashboard_link
+        assert client.submit(lambda x: x + 1, 1).result() == 2
+        assert not ray_handle.started
+        ray = ray_handle.ensure()
+
+        @ray.remote
+        def f(x):
+            return 2 * x
+
+        assert ray.get(f.remote(21)) == 42
+        assert ray_handle.started
+    assert not ray.is_initialized()
+
+
+def test_gpu_request_without_cuda_degrades_to_cpu(caplog):
+    import logging
+
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("CUDA present: this test checks the CPU fallback")
+    with caplog.at_level(logging.INFO, logger="xrdscale.cluster"):
+        with connect(LocalCluster(workers=1, gpu=True, dashboard=False)) as (client, _):
+            assert len(client.nthreads()) == 1
+    assert "no CUDA device" in caplog.text
