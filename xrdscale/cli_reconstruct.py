@@ -41,6 +41,28 @@ def reconstruct_cmd(
     typer.echo(out)
 
 
+def absorption_cmd(
+    sinogram: str = typer.Argument(..., help="URL of the sinogram store to correct."),
+    out: str = typer.Argument(..., help="URL of the corrected sinogram store to write."),
+    mu_map: str = typer.Option(None, help="μ map in 1/mm on the reconstruction grid: a .npy file or a store "
+                                          "with a 'mu' (y, x) variable."),
+    maps: str = typer.Option(None, help="maps store whose phase fractions give μ (with xraylib)."),
+    basis: str = typer.Option("volume", help="volume: the 'scale' maps are volume fractions; weight: use "
+                                             "'weight_fraction' maps with --packing."),
+    packing: float = typer.Option(1.0, help="Volume fraction of solid per voxel (weight basis)."),
+    energy_kev: float = typer.Option(95.0, help="Beam energy in keV."),
+    min_transmission: float = typer.Option(1e-3, help="Floor of the transmission a ray is divided by."),
+) -> None:
+    """Zero-order self-absorption correction: divide every ray by its transmission exp(-∫μ dl)."""
+    from xrdscale.absorption import correct_absorption
+
+    with _progress():
+        correct_absorption(sinogram, out, mu_map=mu_map, maps_url=maps, energy_kev=energy_kev, basis=basis,
+                           packing=packing, min_transmission=min_transmission)
+    typer.echo(out)
+
+
 def register(app: typer.Typer) -> None:
     """Add the reconstruct, absorption and denoise commands to ``app``."""
     app.command("reconstruct")(reconstruct_cmd)
+    app.command("absorption")(absorption_cmd)
