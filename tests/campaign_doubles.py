@@ -73,7 +73,7 @@ def _analyse(call):
 
 
 def _report(call):
-    keys = sorted(call.inputs)
+    keys = sorted(k for k in call.inputs if k.startswith("analyse:"))
     total = np.array([float(storage.open_store(call.inputs[k])["scale"].sum()) for k in keys])
     storage.write_store(xr.Dataset({"total": ("dataset", total)}, coords={"dataset": keys}), call.out,
                         stage="report")

@@ -159,6 +159,8 @@ class Plan:
             return None
         s = self.report_stage
         inputs = {f"analyse:{k}": t.out for k, t in sorted(maps.items())}
+        if self.model_url:
+            inputs[MODEL] = self.model_url
         upstream = {k: t.config_hash + t.input_hash for k, t in sorted(maps.items())}
         config = s.config(self.spec)
         return Task(s, None, inputs, store_url(self.spec.workspace, CAMPAIGN, s), config,

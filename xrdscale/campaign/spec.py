@@ -20,7 +20,7 @@ import re
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xrdscale import storage
 from xrdscale.exceptions import ConfigError
@@ -90,6 +90,14 @@ class SinogramConfig(_Model):
 
 class AbsorptionConfig(_Model):
     enabled: bool = False
+    mu_map: str | None = Field(None, description="linear attenuation map [1/mm] (y, x): .npy or store with `mu`")
+
+    @model_validator(mode="after")
+    def _needs_mu(self) -> AbsorptionConfig:
+        if self.enabled and not self.mu_map:
+            raise ValueError("absorption is enabled but no mu_map is given; set mu_map to a .npy file or a store "
+                             "with a `mu` (y, x) variable in 1/mm")
+        return self
 
 
 class ReconstructConfig(_Model):
@@ -261,12 +269,14 @@ def resolve_paths(spec: CampaignSpec, base_dir: str | None) -> CampaignSpec:
         for c in spec.cycles
     ]
     geometry = spec.geometry.model_copy(update={"poni": r(spec.geometry.poni), "mask": r(spec.geometry.mask)})
+    absorption = spec.pipeline.absorption.model_copy(update={"mu_map": r(spec.pipeline.absorption.mu_map)})
+    pipeline = spec.pipeline.model_copy(update={"absorption": absorption})
     job_store = spec.job_store
     if job_store is not None and job_store.startswith("sqlite:///") and not job_store.startswith("sqlite:////"):
         job_store = "sqlite:///" + storage.resolve(job_store.removeprefix("sqlite:///"), base_dir)
     return spec.model_copy(update={
         "workspace": r(spec.workspace), "phases": r(spec.phases), "model": r(spec.model),
-        "geometry": geometry, "cycles": cycles, "job_store": job_store,
+        "geometry": geometry, "cycles": cycles, "job_store": job_store, "pipeline": pipeline,
     })
 
 

@@ -95,6 +95,21 @@ def _dump(model: Any) -> dict:
     return model.model_dump(mode="json")
 
 
+def _ray(call: StageCall) -> None:
+    if call.ray is not None:
+        call.ray.ensure()
+
+
+def _phases(spec: Any) -> dict | None:
+    """Phase objects of the spec's phase library (for weight fractions of non-built-in phases)."""
+    if not spec.phases:
+        return None
+    from xrdscale.simulate.phaselib import PhaseLibrary
+
+    lib = PhaseLibrary.load(spec.phases)
+    return dict(zip(lib.phase_names, lib.phases))
+
+
 def _run_library(call: StageCall) -> None:
     from xrdscale.pqnet.library import make_library
 
@@ -106,7 +121,9 @@ def _run_train(call: StageCall) -> None:
     from xrdscale.pqnet.train import train_ensemble
 
     cfg = call.config
-    train_ensemble(call.inputs["library"], call.out, ensemble=cfg["ensemble"], epochs=cfg["epochs"])
+    _ray(call)
+    train_ensemble(call.inputs["library"], call.out, ensemble=cfg["ensemble"], epochs=cfg["epochs"],
+                   seed=cfg["seed"])
 
 
 def _run_integrate(call: StageCall) -> None:
@@ -115,7 +132,7 @@ def _run_integrate(call: StageCall) -> None:
     cfg = call.config
     integrate(call.dataset.raw, call.out, poni=call.spec.geometry.poni, mask=call.spec.geometry.mask,
               npt=cfg["npt"], q_range=tuple(cfg["q_range"]) if cfg["q_range"] else None,
-              method=cfg["method"], percentile=tuple(cfg["percentile"]))
+              method=cfg["method"], percentile=tuple(cfg["percentile"]), progress=False)
 
 
 def _run_sinogram(call: StageCall) -> None:
@@ -127,7 +144,7 @@ def _run_sinogram(call: StageCall) -> None:
 def _run_absorption(call: StageCall) -> None:
     from xrdscale.absorption import correct_absorption
 
-    correct_absorption(call.inputs["sinogram"], call.out)
+    correct_absorption(call.inputs["sinogram"], call.out, mu_map=call.spec.pipeline.absorption.mu_map)
 
 
 def _sinogram_input(inputs: Mapping[str, str]) -> str:
@@ -149,20 +166,38 @@ def _run_denoise(call: StageCall) -> None:
 
 
 def _run_analyse(call: StageCall) -> None:
+    """PQ-Net prediction into a scratch store, then the ``maps`` store with weight fractions."""
+    from xrdscale.analysis.fractions import with_weight_fractions
     from xrdscale.pqnet.predict import predict
 
     cfg = call.config
-    if call.ray is not None:
-        call.ray.ensure()
+    _ray(call)
     volume = call.inputs.get("denoise") or call.inputs["reconstruct"]
-    predict(call.inputs[MODEL], volume, call.out, actors=cfg["actors"], batch=cfg["batch"])
+    scratch = call.out.rstrip("/").removesuffix(".zarr") + ".predicted.zarr"
+    predict(call.inputs[MODEL], volume, scratch, actors=cfg["actors"], batch=cfg["batch"])
+    maps = storage.open_store(scratch, stage="maps")
+    config = {"model": storage.redact(call.inputs[MODEL]), **cfg}
+    storage.write_store(with_weight_fractions(maps, _phases(call.spec)), call.out, stage="maps", config=config)
+    storage.clear(scratch)
 
 
 def _run_report(call: StageCall) -> None:
+    """The campaign report over the finished datasets; the folder is marked complete last."""
     from xrdscale.analysis.report import write_report
 
-    maps = {key.split(":", 1)[1]: url for key, url in call.inputs.items() if key.startswith("analyse:")}
-    write_report(maps, call.out, spec=call.spec)
+    by_id = {d.id: (c.cycle, d) for c in call.spec.cycles for d in c.datasets}
+    entries = []
+    for key, url in call.inputs.items():
+        if not key.startswith("analyse:"):
+            continue
+        cycle, ds = by_id[key.split(":", 1)[1]]
+        entries.append({"id": ds.id, "maps_url": url, "cycle": cycle, "state": ds.state, "voltage": ds.voltage,
+                        "raw_url": ds.raw})
+    model = {"url": storage.redact(call.inputs[MODEL])} if MODEL in call.inputs else None
+    storage.begin_store(call.out)
+    write_report(entries, call.out, title=f"xrdscale campaign {call.spec.campaign}", model=model,
+                 phases=_phases(call.spec), progress=False)
+    storage.mark_complete(call.out, {"stage": "report"})
 
 
 def _raw_inputs(spec: Any, ds: Any) -> dict:
@@ -182,8 +217,9 @@ def default_stages() -> list[Stage]:
               needs=("library",), scope="model", suffix=""),
         Stage("integrate", _run_integrate, p("integrate"), external=_raw_inputs),
         Stage("sinogram", _run_sinogram, p("sinogram"), needs=("integrate",)),
-        Stage("absorption", _run_absorption, p("absorption"), needs=("sinogram",),
-              enabled=lambda s: s.pipeline.absorption.enabled),
+        Stage("absorption", _run_absorption, lambda s: {k: v for k, v in p("absorption")(s).items() if k != "mu_map"},
+              needs=("sinogram",), enabled=lambda s: s.pipeline.absorption.enabled,
+              external=lambda s, d: {"mu_map": s.pipeline.absorption.mu_map}),
         Stage("reconstruct", _run_reconstruct, p("reconstruct"), needs=("absorption",)),
         Stage("denoise", _run_denoise, p("denoise"), needs=("reconstruct",),
               enabled=lambda s: s.pipeline.denoise.enabled),
