@@ -138,7 +138,7 @@ def _run_integrate(call: StageCall) -> None:
 def _run_sinogram(call: StageCall) -> None:
     from xrdscale.sinogram import build_sinogram
 
-    build_sinogram(call.inputs["integrate"], call.out, center=call.config["center"])
+    build_sinogram(call.inputs["integrate"], call.out, center=call.config["center"], progress=False)
 
 
 def _run_absorption(call: StageCall) -> None:
