@@ -62,7 +62,37 @@ def absorption_cmd(
     typer.echo(out)
 
 
+def denoise_cmd(
+    sinogram: str = typer.Argument(..., help="URL of the sinogram store the volume was reconstructed from."),
+    volume: str = typer.Argument(..., help="URL of its volume store (grid, q channels and FBP filter)."),
+    out: str = typer.Argument(..., help="URL of the denoised volume store to write."),
+    splits: int = typer.Option(4, help="Number of projection subsets K: the network maps K-1 subsets to 1."),
+    realizations: int = typer.Option(4, help="Random angular splits per channel (training pairs × K)."),
+    pretrain_channels: int = typer.Option(8, help="Channels sampled for pre-training."),
+    pretrain_epochs: int = typer.Option(20, help="Pre-training epochs."),
+    finetune_epochs: int = typer.Option(2, help="Fine-tuning epochs per chunk of channels."),
+    batch_size: int = typer.Option(8, help="Training batch size."),
+    lr: float = typer.Option(1e-3, help="Adam learning rate."),
+    features: int = typer.Option(16, help="U-Net channels at the top level."),
+    seed: int = typer.Option(0, help="Random seed."),
+    engine: str = typer.Option("auto", help="Reconstruction engine of the split FBPs: astra, batched or auto."),
+    device: str = typer.Option("auto", help="cpu, cuda or auto (GPU for training and FBP when usable)."),
+    channels_per_chunk: int = typer.Option(None, help="q channels per fine-tuning task."),
+) -> None:
+    """Noise2Inverse denoising: train a U-Net on X:1 splits of the projections, apply it to every channel."""
+    from xrdscale.denoise import N2IConfig, denoise
+
+    config = N2IConfig(splits=splits, realizations=realizations, pretrain_channels=pretrain_channels,
+                       pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs, batch_size=batch_size,
+                       lr=lr, features=features, seed=seed)
+    with _progress():
+        denoise(sinogram, volume, out, config=config, engine=engine, device=device,
+                channels_per_chunk=channels_per_chunk)
+    typer.echo(out)
+
+
 def register(app: typer.Typer) -> None:
     """Add the reconstruct, absorption and denoise commands to ``app``."""
     app.command("reconstruct")(reconstruct_cmd)
     app.command("absorption")(absorption_cmd)
+    app.command("denoise")(denoise_cmd)
