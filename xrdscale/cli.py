@@ -64,6 +64,7 @@ def _optional_command_modules() -> list:
 # Modules that add commands with ``register(app)``; each owns its commands.
 COMMAND_MODULES: list[str] = [
     "xrdscale.cli_integrate",
+    "xrdscale.cli_reconstruct",
     "xrdscale.campaign.cli",
     "xrdscale.pqnet.cli",
 ]
