@@ -1,0 +1,280 @@
+"""The campaign report: one self-contained HTML file (PNGs embedded as base64 and written beside it).
+
+Sections: datasets; per dataset the maps of every phase (scale, its ensemble std, weight
+fraction and its std, lattice parameters, crystallite size) with colour bars and units,
+the unrolled jelly roll and the ROI table; per cycle the voltage series of mean weight
+fractions (the paper's Fig. 3), of NCA lattice parameters per ROI (Fig. 7) and the
+lithiation regions; provenance (raw URLs, hashes, model, store configs, versions).
+"""
+
+from __future__ import annotations
+
+import base64
+import html
+import importlib.metadata
+import logging
+import platform
+import re
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import pandas as pd
+import xarray as xr
+from rich.progress import Progress
+
+from xrdscale import __version__, storage
+from xrdscale.analysis import plots
+from xrdscale.analysis.fractions import with_weight_fractions
+from xrdscale.analysis.regions import REGION_NAMES, classify_regions
+from xrdscale.analysis.roi import build_rois, default_rois, roi_table
+from xrdscale.analysis.unroll import find_centre, unroll
+from xrdscale.exceptions import InputError
+
+logger = logging.getLogger(__name__)
+
+#: (variable, units, colour map) of the map figures.
+MAP_FIGURES = (("scale", "scale factor (abs. units)", "viridis"), ("scale_std", "ensemble std (abs. units)", "magma"),
+               ("weight_fraction", "weight fraction", "viridis"), ("weight_fraction_std", "weight fraction std", "magma"),
+               ("a", "a (Å)", "coolwarm"), ("a_std", "a std (Å)", "magma"), ("c", "c (Å)", "coolwarm"),
+               ("c_std", "c std (Å)", "magma"), ("size", "crystallite size (nm)", "cividis"))
+VERSIONED = ("numpy", "xarray", "zarr", "dask", "matplotlib", "pandas", "torch", "pyFAI", "astra-toolbox", "gemmi")
+
+
+@dataclass(frozen=True)
+class DatasetEntry:
+    """One dataset of a campaign, as the report needs it.
+
+    Attributes
+    ----------
+    id : str
+        Dataset id.
+    maps_url : str
+        URL of its ``maps`` store.
+    cycle : int, optional
+        Cycle number (voltage series are grouped by cycle).
+    state : str, optional
+        E.g. ``charged``.
+    voltage : float, optional
+        Cell voltage [V].
+    raw_url : str, optional
+        The raw dataset.
+    hashes : mapping
+        Content/config hashes to list under provenance.
+    """
+
+    id: str
+    maps_url: str
+    cycle: int | None = None
+    state: str | None = None
+    voltage: float | None = None
+    raw_url: str | None = None
+    hashes: Mapping[str, str] = field(default_factory=dict)
+
+
+def _entry(e: DatasetEntry | Mapping[str, Any]) -> DatasetEntry:
+    if isinstance(e, DatasetEntry):
+        return e
+    try:
+        return DatasetEntry(**{k: v for k, v in dict(e).items() if k in DatasetEntry.__dataclass_fields__})
+    except TypeError as exc:
+        raise InputError(f"report dataset entry {e!r} is incomplete ({exc}); it needs at least id and maps_url") from exc
+
+
+class _Doc:
+    """Accumulates HTML sections and figure files."""
+
+    def __init__(self, out_dir: str) -> None:
+        self.out_dir = out_dir
+        self.parts: list[str] = []
+        self.n_figures = 0
+
+    def h(self, level: int, text: str) -> None:
+        self.parts.append(f"<h{level}>{html.escape(text)}</h{level}>")
+
+    def p(self, text: str, cls: str = "") -> None:
+        self.parts.append(f"<p class='{cls}'>{html.escape(text)}</p>")
+
+    def table(self, df: pd.DataFrame, caption: str) -> None:
+        body = df.to_html(index=False, float_format=lambda v: f"{v:.5g}", na_rep="–", border=0, classes="data")
+        self.parts.append(f"<figure class='table'><figcaption>{html.escape(caption)}</figcaption>{body}</figure>")
+
+    def figure(self, png: bytes, name: str, caption: str) -> None:
+        fname = re.sub(r"[^A-Za-z0-9_.-]+", "_", name) + ".png"
+        storage.write_bytes(storage.join(self.out_dir, "figures", fname), png)
+        b64 = base64.b64encode(png).decode("ascii")
+        self.parts.append(f"<figure><img src='data:image/png;base64,{b64}' alt='{html.escape(caption)}' "
+                          f"data-file='figures/{fname}'><figcaption>{html.escape(caption)}</figcaption></figure>")
+        self.n_figures += 1
+
+    def render(self, title: str) -> str:
+        style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}img{max-width:100%}"
+                 "table.data{border-collapse:collapse;font-size:12px}table.data td,table.data th{border:1px solid #ccc;"
+                 "padding:2px 6px}figure{margin:1em 0}figcaption{font-size:13px;color:#444}.note{color:#a60}")
+        return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
+                f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(self.parts)}</body></html>")
+
+
+def _present(maps: xr.Dataset, var: str) -> xr.DataArray | None:
+    """The map of ``var`` restricted to the phases where it has values (None if none)."""
+    if var not in maps.data_vars:
+        return None
+    finite = maps[var].notnull().any(("y", "x")).compute()
+    keep = [str(p) for p, ok in zip(maps["phase"].values, finite.values) if ok]
+    return maps[var].sel(phase=keep).load() if keep else None
+
+
+def _dataset_section(doc: _Doc, e: DatasetEntry, maps: xr.Dataset, *, centre, pitch, rois_spec) -> pd.DataFrame:
+    doc.h(2, f"Dataset {e.id}" + (f" — cycle {e.cycle}, {e.state or ''} {e.voltage} V" if e.voltage is not None else ""))
+    for var, units, cmap in MAP_FIGURES:
+        da = _present(maps, var)
+        if da is not None:
+            doc.figure(plots.map_grid(da, title=f"{e.id}: {var}", units=units, cmap=cmap), f"{e.id}_{var}",
+                       f"{e.id}: {var} maps of every phase ({units})")
+    try:
+        yc, xc = centre if centre is not None else find_centre(maps)[:2]
+        wf = _present(maps, "weight_fraction")
+        un = unroll(wf if wf is not None else maps["scale"].load(), (yc, xc), pitch=pitch or 0.0, n_angles=360)
+        doc.figure(plots.unrolled_grid(un, title=f"{e.id}: unrolled about ({yc:.2f}, {xc:.2f}) mm, pitch {pitch or 0:g} mm",
+                                       units="weight fraction" if wf is not None else "scale"),
+                   f"{e.id}_unrolled", f"{e.id}: virtually unrolled maps (radius × angle)")
+    except InputError as exc:
+        doc.p(f"No unrolled view: {exc}", "note")
+    spec = rois_spec if rois_spec is not None else default_rois(maps)
+    if not spec:
+        doc.p("No ROI table: no ROIs given and the maps lack NCA/Al for the default cathode ROIs.", "note")
+        return pd.DataFrame()
+    table = roi_table({e.id: maps}, build_rois(maps, spec))
+    doc.table(table, f"{e.id}: per-ROI mean ± std over pixels and mean ensemble std")
+    return table
+
+
+def _cycle_section(doc: _Doc, cycle: Any, entries: Sequence[DatasetEntry], maps: Mapping[str, xr.Dataset],
+                   rois: pd.DataFrame) -> None:
+    doc.h(2, f"Cycle {cycle}: voltage series")
+    rows = []
+    for e in entries:
+        wf = maps[e.id]["weight_fraction"].mean(("y", "x")).compute()
+        for ph, v in zip(wf["phase"].values, wf.values):
+            if np.isfinite(v):
+                rows.append({"voltage": e.voltage, "phase": str(ph), "value": float(v)})
+    if rows:
+        doc.figure(plots.series_plot(pd.DataFrame(rows), value="value", error=None, group="phase",
+                                     ylabel="mean weight fraction", title=f"cycle {cycle}: phase fractions vs voltage"),
+                   f"cycle{cycle}_fractions", f"Cycle {cycle}: mean weight fraction of each phase vs voltage")
+    if not rois.empty:
+        sub = rois[(rois.phase == "NCA") & rois.variable.isin(["a", "c"])].copy()
+        volt = {e.id: e.voltage for e in entries}
+        sub["voltage"] = sub["dataset"].map(volt)
+        sub = sub.dropna(subset=["voltage"])
+        if not sub.empty:
+            doc.figure(plots.series_plot(sub, value="mean", error="ensemble_std", group="roi", panels="variable",
+                                         ylabel="Å", title=f"cycle {cycle}: NCA lattice parameters per ROI"),
+                       f"cycle{cycle}_nca_lattice", f"Cycle {cycle}: mean NCA a and c per ROI vs voltage "
+                       "(error bars: mean ensemble std)")
+    try:
+        reg = classify_regions([(e.voltage, maps[e.id]) for e in entries], ids=[e.id for e in entries])
+        doc.figure(plots.region_map(reg["region"], REGION_NAMES, title=f"cycle {cycle}: lithiation regions"),
+                   f"cycle{cycle}_regions", f"Cycle {cycle}: anode lithiation regions (HL/DL/IN)")
+        counts = {REGION_NAMES[c]: int((reg["region"].values == c).sum()) for c in REGION_NAMES}
+        doc.table(pd.DataFrame([counts]), f"Cycle {cycle}: anode pixels per region")
+        doc.p("Criteria: " + reg.attrs["criteria"].replace("\n", " "))
+    except InputError as exc:
+        doc.p(f"No lithiation regions for cycle {cycle}: {exc}", "note")
+
+
+def _provenance(doc: _Doc, entries: Sequence[DatasetEntry], maps: Mapping[str, xr.Dataset],
+                model: Mapping[str, Any] | None) -> None:
+    doc.h(2, "Provenance")
+    rows = [{"dataset": e.id, "raw": storage.redact(e.raw_url or "–"), "maps": storage.redact(e.maps_url),
+             "maps stage config": maps[e.id].attrs.get("config", "–"),
+             "maps written by xrdscale": maps[e.id].attrs.get("xrdscale_version", "–"),
+             **{f"hash {k}": v for k, v in dict(e.hashes).items()}} for e in entries]
+    doc.table(pd.DataFrame(rows), "Inputs of every dataset")
+    doc.table(pd.DataFrame([{"key": k, "value": str(v)} for k, v in dict(model or {"model": "not given"}).items()]),
+              "Model")
+    versions = [{"package": "xrdscale", "version": __version__}, {"package": "python", "version": platform.python_version()}]
+    for pkg in VERSIONED:
+        try:
+            versions.append({"package": pkg, "version": importlib.metadata.version(pkg)})
+        except importlib.metadata.PackageNotFoundError:
+            continue
+    doc.table(pd.DataFrame(versions), "Software versions")
+
+
+def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: str, *, title: str = "xrdscale report",
+                 model: Mapping[str, Any] | None = None, rois: Mapping[str, Mapping[str, Any]] | None = None,
+                 centre: tuple[float, float] | None = None, pitch: float | None = None,
+                 phases: Mapping[str, object] | None = None, progress: bool = True) -> str:
+    """Write the campaign report ``report.html`` (+ ``figures/*.png``, ``roi_table.csv``) to ``out_dir``.
+
+    Parameters
+    ----------
+    datasets : sequence of DatasetEntry or mappings
+        Every dataset: id, maps URL, cycle, state, voltage, raw URL, hashes.
+    out_dir : str
+        Output folder (local path or fsspec URL).
+    title : str
+        Report title (e.g. the campaign name).
+    model : mapping, optional
+        Model information for the provenance section (id, URL, training metrics …).
+    rois : mapping, optional
+        ROI spec (see :func:`xrdscale.analysis.roi.build_rois`); default: NCA next to
+        the Al tab and elsewhere, when the maps have NCA and Al.
+    centre : (yc, xc), optional
+        Cell centre [mm] for unrolling; default: fitted to the Fe casing.
+    pitch : float, optional
+        Spiral pitch [mm/turn] for unrolling; default 0 (plain polar transform).
+    phases : mapping, optional
+        Phase objects for names that are not built-in (weight fractions).
+    progress : bool
+        Show a progress bar on stderr.
+
+    Returns
+    -------
+    str
+        URL of ``report.html``.
+
+    Raises
+    ------
+    InputError
+        No datasets, repeated ids, or a maps store without a ``scale`` map.
+    """
+    entries = [_entry(e) for e in datasets]
+    if not entries:
+        raise InputError("the report needs at least one dataset; none was given")
+    ids = [e.id for e in entries]
+    if len(set(ids)) != len(ids):
+        raise InputError(f"dataset ids must be unique in a report; got {ids}")
+    doc = _Doc(out_dir)
+    summary = pd.DataFrame([{"id": e.id, "cycle": e.cycle, "state": e.state, "voltage (V)": e.voltage,
+                             "maps": storage.redact(e.maps_url)} for e in entries])
+    doc.h(2, "Datasets")
+    doc.table(summary, "Datasets of the campaign")
+    maps: dict[str, xr.Dataset] = {}
+    tables = []
+    with Progress(transient=True, disable=not progress) as bar:
+        task = bar.add_task("report", total=len(entries) + 1)
+        for e in entries:
+            ds = storage.open_store(e.maps_url, stage="maps")
+            ds.attrs["source_url"] = storage.redact(e.maps_url)
+            maps[e.id] = with_weight_fractions(ds, phases)
+            tables.append(_dataset_section(doc, e, maps[e.id], centre=centre, pitch=pitch, rois_spec=rois))
+            bar.advance(task)
+        rois_all = pd.concat(tables, ignore_index=True) if any(not t.empty for t in tables) else pd.DataFrame()
+        cycles: dict[Any, list[DatasetEntry]] = {}
+        for e in entries:
+            if e.voltage is not None:
+                cycles.setdefault(e.cycle, []).append(e)
+        for cycle, group in cycles.items():
+            if len(group) >= 2:
+                _cycle_section(doc, cycle, sorted(group, key=lambda e: e.voltage), maps, rois_all)
+        _provenance(doc, entries, maps, model)
+        bar.advance(task)
+    if not rois_all.empty:
+        storage.write_bytes(storage.join(out_dir, "roi_table.csv"), rois_all.to_csv(index=False).encode())
+    url = storage.join(out_dir, "report.html")
+    storage.write_bytes(url, doc.render(title).encode("utf-8"))
+    logger.info("report with %d figures: %s", doc.n_figures, storage.redact(url))
+    return url
