@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import xarray as xr
+from scipy import ndimage
 
 from xrdscale.analysis.regions import CHARGE_ORDER, DL, HL, IN, OUTSIDE, classify_regions
 from xrdscale.exceptions import InputError
@@ -39,7 +40,8 @@ def test_regions_agree_with_truth(rng):
     region = res["region"].values
     anode = truth != OUTSIDE
     assert (region[anode] == truth[anode]).mean() >= 0.9
-    assert (region[~anode] == OUTSIDE).mean() >= 0.95
+    far = ~ndimage.binary_dilation(anode, iterations=2)  # the smoothing may claim the pixels right next to it
+    assert (region[far] == OUTSIDE).all()
     assert list(res["stage_index"]["voltage"].values) == list(VOLTS)
     assert "IN" in res.attrs["criteria"]
 

@@ -33,7 +33,7 @@ def cathode_maps(rng, n=40):
 
 def test_threshold_rois_and_table_match_numpy(rng):
     maps, near = cathode_maps(rng)
-    rois = build_rois(maps, default_rois(maps, dilate=2))
+    rois = build_rois(maps, default_rois(maps, dilate_mm=0.2))
     assert list(rois["roi"].values) == ["NCA next to Al tab", "NCA elsewhere"]
     next_to = rois.sel(roi="NCA next to Al tab").values
     assert (next_to == near & (maps["scale"].sel(phase="NCA").values > 0.2)).mean() > 0.99

@@ -2,19 +2,20 @@
 
 Criteria (documented, configurable):
 
-1. **Anode pixels**: the summed scale of the LixC phases (graphite … LiC6), averaged over
-   the series, exceeds ``anode_threshold`` × its 99.5th percentile (the anode holds some
-   LixC phase at every voltage).
-2. **Stage index** per pixel and dataset: the LixC weight fractions (Hill & Howard, renormalised
-   over the LixC phases) averaged with the position of each phase in the charge order
-   graphite 0 → LiC30+ 1 → LiC30 2 → LiC18 3 → LiC12 4 → LiC6 5.
-3. **IN** (inactive to lithiation): at the top of charge (highest voltage) the stage index
-   stays below ``inactive_below`` (default 3: the dilute stages LiC30/LiC30+/graphite still
+1. **LixC masses**: per pixel and dataset, the mass of each LixC phase, ``scale × ZMV/V²``
+   (Hill & Howard, CIF lattice), smoothed with a Gaussian of ``smooth`` pixels so that
+   partial-volume pixels at the edge of a thin anode layer borrow from their neighbours.
+2. **Anode pixels**: the summed LixC mass, averaged over the series, exceeds
+   ``anode_threshold`` × its 99.5th percentile (the anode holds some LixC phase at every voltage).
+3. **Stage index** per pixel and dataset: the LixC mass fractions averaged with the position
+   of each phase in the charge order graphite 0 → LiC30+ 1 → LiC30 2 → LiC18 3 → LiC12 4 → LiC6 5.
+4. **IN** (inactive to lithiation): at the top of charge (highest voltage) the stage index
+   stays below ``inactive_below`` (default 2.5: the dilute stages graphite/LiC30+/LiC30 still
    dominate, LiC18 or richer never formed).
-4. **DL** (delayed lithiation): not IN, and at some dataset below the top of charge the
+5. **DL** (delayed lithiation): not IN, and at some dataset below the top of charge the
    stage index lags the median of the non-IN anode pixels at that voltage by at least
    ``delay`` stages (default 0.5): lithiation reaches each stage later than the median pixel.
-5. **HL** (homogeneous lithiation): every other anode pixel.
+6. **HL** (homogeneous lithiation): every other anode pixel.
 
 Codes: HL = 0, DL = 1, IN = 2, −1 outside the anode.
 """
@@ -28,7 +29,7 @@ import numpy as np
 import xarray as xr
 from scipy import ndimage
 
-from xrdscale.analysis.fractions import require, weight_fractions
+from xrdscale.analysis.fractions import require, resolve_phases
 from xrdscale.exceptions import InputError
 
 logger = logging.getLogger(__name__)
@@ -39,24 +40,18 @@ HL, DL, IN, OUTSIDE = 0, 1, 2, -1
 REGION_NAMES = {HL: "HL", DL: "DL", IN: "IN"}
 
 
-def stage_index(maps: xr.Dataset, order: Sequence[str] = CHARGE_ORDER,
-                phases: Mapping[str, object] | None = None) -> tuple[xr.DataArray, xr.DataArray]:
-    """Mean stage index (y, x) of the LixC phases and their summed scale.
-
-    Uses ``weight_fraction`` of the maps when present, else computes it (Hill & Howard).
-    """
+def lixc_mass(maps: xr.Dataset, order: Sequence[str] = CHARGE_ORDER,
+              phases: Mapping[str, object] | None = None) -> xr.DataArray:
+    """Mass of each LixC phase per pixel (phase, y, x): scale × ZMV/V² at the CIF lattice (Hill & Howard)."""
     require(maps, ["scale"], list(order), what="lithiation regions")
-    wf = maps["weight_fraction"] if "weight_fraction" in maps.data_vars else \
-        weight_fractions(maps.sel(phase=list(order)), phases)["weight_fraction"]
-    lix = wf.sel(phase=list(order)).fillna(0.0).clip(min=0.0)
-    total = lix.sum("phase")
-    idx = xr.DataArray(np.arange(len(order), dtype=float), dims="phase", coords={"phase": list(order)})
-    s = (lix * idx).sum("phase") / total.where(total > 0)
-    return s, maps["scale"].sel(phase=list(order)).clip(min=0.0).sum("phase")
+    objs = resolve_phases(list(order), phases)
+    k = xr.DataArray([objs[p].zmv() / objs[p].volume() ** 2 for p in order], dims="phase",
+                     coords={"phase": list(order)})
+    return maps["scale"].sel(phase=list(order)) * k
 
 
 def classify_regions(series: Sequence[tuple[float, xr.DataArray | xr.Dataset]], *, anode_threshold: float = 0.3,
-                     inactive_below: float = 3.0, delay: float = 0.5, smooth: int = 1,
+                     inactive_below: float = 2.5, delay: float = 0.5, smooth: float = 1.0,
                      order: Sequence[str] = CHARGE_ORDER, phases: Mapping[str, object] | None = None,
                      ids: Sequence[str] | None = None) -> xr.Dataset:
     """Classify each anode pixel as HL/DL/IN from a voltage series of one cycle.
@@ -71,8 +66,9 @@ def classify_regions(series: Sequence[tuple[float, xr.DataArray | xr.Dataset]], 
         IN if the stage index at the top of charge is below this.
     delay : float
         DL if the stage index lags the median by at least this many stages below the top.
-    smooth : int
-        Size of a median filter applied to the stage-index maps (1: none).
+    smooth : float
+        Gaussian sigma [pixels] applied to the LixC mass maps before the stage index (0: none);
+        it averages partial-volume pixels with their anode neighbours.
     order : sequence of str
         LixC phases in charge order.
     phases : mapping, optional
@@ -99,24 +95,26 @@ def classify_regions(series: Sequence[tuple[float, xr.DataArray | xr.Dataset]], 
     if len(set(volts)) != len(volts):
         raise InputError(f"the voltage series has repeated voltages {volts} ({', '.join(ids)}); give one dataset per voltage")
     order_idx = np.argsort(volts)
-    stages, lix = [], []
+    masses = []
     for i in order_idx:
         try:
-            s, tot = stage_index(series[i][1], order, phases)
+            masses.append(lixc_mass(series[i][1], order, phases).transpose("phase", "y", "x"))
         except InputError as exc:
             raise InputError(f"dataset {ids[i]} ({volts[i]} V): {exc}") from exc
-        stages.append(s)
-        lix.append(tot)
-    s = xr.concat(stages, dim="voltage").assign_coords(voltage=[volts[i] for i in order_idx]).compute()
-    tot = xr.concat(lix, dim="voltage").compute()
-    mean_tot = np.nan_to_num(tot.mean("voltage").values)
+    first = masses[0]
+    # one (voltage, phase, y, x) cube of LixC masses: one 2D image per phase and voltage, small
+    mass = np.stack([np.nan_to_num(np.asarray(m.values, dtype=float)) for m in masses])
+    if smooth > 0:
+        mass = ndimage.gaussian_filter(mass, sigma=(0, 0, smooth, smooth), mode="nearest")
+    mass = np.clip(mass, 0.0, None)
+    total = mass.sum(axis=1)
+    mean_tot = total.mean(axis=0)
     ref = float(np.percentile(mean_tot, 99.5))
     anode = mean_tot > anode_threshold * ref if ref > 0 else np.zeros(mean_tot.shape, bool)
     if not anode.any():
         raise InputError("no anode pixels: the LixC scale maps are empty in every dataset of the series")
-    sv = np.nan_to_num(s.values, nan=0.0)
-    if smooth > 1:
-        sv = np.stack([ndimage.median_filter(v, size=smooth) for v in sv])
+    idx = np.arange(len(order), dtype=float)[None, :, None, None]
+    sv = (mass * idx).sum(axis=1) / np.where(total > 0, total, 1.0)
     top = sv[-1]
     inactive = anode & (top < inactive_below)
     active = anode & ~inactive
@@ -129,11 +127,12 @@ def classify_regions(series: Sequence[tuple[float, xr.DataArray | xr.Dataset]], 
     region[anode] = HL
     region[delayed] = DL
     region[inactive] = IN
-    coords = {"y": s["y"], "x": s["x"]}
+    coords = {"y": first["y"], "x": first["x"]}
     out = xr.Dataset({
         "region": xr.DataArray(region, dims=("y", "x"), coords=coords,
                                attrs={"flag_values": [OUTSIDE, HL, DL, IN], "flag_meanings": "outside HL DL IN"}),
-        "stage_index": s.copy(data=sv),
+        "stage_index": xr.DataArray(sv, dims=("voltage", "y", "x"),
+                                    coords={"voltage": [volts[i] for i in order_idx], **coords}),
     })
     out.attrs.update(criteria=__doc__.split("Criteria (documented, configurable):", 1)[1].split("Codes:")[0].strip(),
                      anode_threshold=anode_threshold, inactive_below=inactive_below, delay=delay,

@@ -1,8 +1,7 @@
 """Named regions of interest and per-ROI statistics of every map (the paper's Table S5).
 
 An ROI is a boolean mask (y, x). It is built from a mask array, a threshold on a map
-(``scale`` of ``Al`` above 30 % of its maximum, dilated by a few pixels: "next to the
-Al tab"), a polygon in mm (:class:`matplotlib.path.Path`), and combined with ``within``
+(``scale`` of ``Al`` above a value, grown by 1 mm: "next to the Al tab"), a polygon in mm (:class:`matplotlib.path.Path`), and combined with ``within``
 (intersection) and ``exclude`` (difference). :func:`roi_table` gives, per dataset, ROI,
 variable and phase, the mean and standard deviation over the ROI's pixels, the mean
 ensemble standard deviation (``<variable>_std``) and the pixel count, as a pandas table.
@@ -48,7 +47,7 @@ def roi_from_mask(maps: xr.Dataset, mask: np.ndarray) -> xr.DataArray:
 
 
 def roi_from_threshold(maps: xr.Dataset, *, phase: str, variable: str = "scale", above: float | None = None,
-                       below: float | None = None, relative: bool = True, dilate: int = 0) -> xr.DataArray:
+                       below: float | None = None, relative: bool = True, dilate_mm: float = 0.0) -> xr.DataArray:
     """An ROI where a map lies above/below a threshold, optionally dilated.
 
     Parameters
@@ -61,8 +60,8 @@ def roi_from_threshold(maps: xr.Dataset, *, phase: str, variable: str = "scale",
         Bounds; with ``relative`` they are fractions of the map's 99.5th percentile.
     relative : bool
         Interpret the bounds relative to the map's 99.5th percentile.
-    dilate : int
-        Binary dilation iterations [pixels] applied after thresholding.
+    dilate_mm : float
+        Grow the ROI by this distance [mm] (every pixel within ``dilate_mm`` of it joins).
     """
     require(maps, [variable], [phase], what=f"an ROI on {phase} {variable}")
     if above is None and below is None:
@@ -74,8 +73,9 @@ def roi_from_threshold(maps: xr.Dataset, *, phase: str, variable: str = "scale",
         mask &= img > above * ref
     if below is not None:
         mask &= img < below * ref
-    if dilate > 0:
-        mask = ndimage.binary_dilation(mask, iterations=int(dilate))
+    if dilate_mm > 0 and mask.any():
+        step = (abs(float(np.diff(maps["y"].values[:2])[0])), abs(float(np.diff(maps["x"].values[:2])[0])))
+        mask = ndimage.distance_transform_edt(~mask, sampling=step) <= dilate_mm
     return _template(maps).copy(data=mask)
 
 
@@ -94,7 +94,7 @@ def build_rois(maps: xr.Dataset, spec: Mapping[str, Mapping[str, Any]],
     """Build named ROIs from a spec (as in an ROI YAML file).
 
     Each entry has exactly one of ``threshold: {phase, variable, above|below, relative,
-    dilate}``, ``polygon: [[x, y], …]`` or ``mask: <name in masks>``, and optionally
+    dilate_mm}``, ``polygon: [[x, y], …]`` or ``mask: <name in masks>``, and optionally
     ``within:`` (a threshold/polygon/other ROI name intersected with it) and
     ``exclude: [ROI names]`` (earlier ROIs removed from it).
 
@@ -139,14 +139,21 @@ def _one_roi(maps: xr.Dataset, name: str, entry: Mapping[str, Any], built: Mappi
     return roi
 
 
-def default_rois(maps: xr.Dataset, *, dilate: int = 2) -> dict[str, dict[str, Any]]:
-    """The paper's cathode ROIs when ``NCA`` and ``Al`` maps exist: NCA next to the Al tab and elsewhere."""
+def default_rois(maps: xr.Dataset, *, al_above: float = 0.55, dilate_mm: float = 1.0) -> dict[str, dict[str, Any]]:
+    """The paper's cathode ROIs when ``NCA`` and ``Al`` maps exist: NCA next to the Al tab and elsewhere.
+
+    "Next to the Al tab" is NCA within ``dilate_mm`` of pixels whose Al scale exceeds
+    ``al_above`` (absolute units: a voxel full of Al has scale 1, so only the tab, not the
+    thin Al foil, passes); "elsewhere" is the rest of the NCA (scale above 20 % of its
+    99.5th percentile).
+    """
     phases = [str(p) for p in maps["phase"].values]
     if not {"NCA", "Al"} <= set(phases):
         return {}
     nca = {"phase": "NCA", "variable": "scale", "above": 0.2}
     return {
-        "NCA next to Al tab": {"threshold": {"phase": "Al", "variable": "scale", "above": 0.5, "dilate": dilate},
+        "NCA next to Al tab": {"threshold": {"phase": "Al", "variable": "scale", "above": al_above, "relative": False,
+                                             "dilate_mm": dilate_mm},
                                "within": {"threshold": nca}},
         "NCA elsewhere": {"threshold": nca, "exclude": ["NCA next to Al tab"]},
     }

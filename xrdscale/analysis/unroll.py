@@ -181,11 +181,15 @@ def estimate_pitch(da: xr.DataArray, centre: tuple[float, float], *, p_max: floa
         Number of pitches tried.
     """
     img = da.transpose("y", "x").load()
-    best, best_score = 0.0, -np.inf
-    for p in np.linspace(-p_max, p_max, n):
-        prof = radial_profile(unroll(img, centre, pitch=float(p), n_angles=n_angles)).values
-        score = np.nanvar(prof)
-        if score > best_score:
-            best, best_score = float(p), score
+
+    def scan(pitches: np.ndarray) -> float:
+        scores = [np.nanvar(radial_profile(unroll(img, centre, pitch=float(p), n_angles=n_angles)).values)
+                  for p in pitches]
+        return float(pitches[int(np.nanargmax(scores))])
+
+    coarse = np.linspace(-p_max, p_max, n)
+    step = coarse[1] - coarse[0]
+    best = scan(coarse)
+    best = scan(np.linspace(best - step, best + step, 21))  # refine around the coarse optimum
     logger.info("spiral pitch %.4f mm/turn", best)
     return best
