@@ -102,7 +102,9 @@ class ServerPool:
         tag = uuid.uuid4().hex[:8]
         self.names = [f"pqnet-{tag}-{i}" for i in range(actors)]
         cls = ray.remote(EnsembleServer)
-        opts = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": threads}
+        # On CPU, share the cluster's CPUs between the actors rather than leave some pending forever.
+        cpus = min(float(threads), ray.cluster_resources().get("CPU", 1.0) / actors)
+        opts = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": cpus}
         self.handles = [cls.options(name=n, namespace=NAMESPACE, max_restarts=MAX_RESTARTS,
                                     max_task_retries=MAX_RESTARTS, **opts).remote(model_url, engine, device, threads)
                         for n in self.names]

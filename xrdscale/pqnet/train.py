@@ -113,6 +113,8 @@ def train_member(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig)
 
     model = PQNet(spec).to(cfg.device)
     opt = torch.optim.Adam(model.parameters(), lr=cfg.lr)
+    # Halve the step when validation stalls (before early stopping ends the run).
+    sched = torch.optim.lr_scheduler.ReduceLROnPlateau(opt, factor=0.5, patience=max(1, cfg.patience // 2))
     loss_fn = nn.L1Loss()
     xv, tv = prepared(val_sl)
     starts = list(range(train_sl.start, train_sl.stop, WINDOW))
@@ -139,6 +141,7 @@ def train_member(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig)
         with torch.inference_mode():
             val = float(sum(loss_fn(model.standardised(xv[i:i + 4096].to(cfg.device)), tv[i:i + 4096].to(cfg.device))
                             * len(xv[i:i + 4096]) for i in range(0, len(xv), 4096)) / len(xv))
+        sched.step(val)
         curves["train_mae"].append(total / count)
         curves["val_mae"].append(val)
         curves["epoch_seconds"].append(time.perf_counter() - t0)

@@ -1,0 +1,93 @@
+"""Training a small PQ-Net ensemble: held-out accuracy, out-of-distribution uncertainty, maps vs truth."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import xarray as xr
+
+from xrdscale import storage
+from xrdscale.pqnet.library import make_library
+from xrdscale.pqnet.registry import open_entry
+from xrdscale.pqnet.serve import load_ensemble
+from xrdscale.pqnet.train import train_ensemble
+from xrdscale.simulate.pattern import simulate_patterns
+from xrdscale.simulate.phaselib import PhaseLibrary
+from xrdscale.simulate.phases import builtin_phase
+
+# NCA (scale, a, c) and Al at demo noise (the counts of the packaged libraries).
+YAML = """\
+version: 1
+wavelength: 0.130509
+q_grid: {min: 1.16, max: 2.84, npt: 192}
+instrument: {U: 0.0, V: 0.0, W: 4.0e-4, X: 0.0}
+background: {chebyshev_order: 2, amplitude: [0.0, 0.05]}
+noise: {counts: [1.0e5, 1.0e7]}
+phases:
+  NCA: {builtin: NCA, scale: [0.1, 1], a: [2.810, 2.875], c: [14.15, 14.55]}
+  Al: {builtin: Al, scale: [0, 0.2]}
+"""
+SMALL = {"pattern_channels": 8, "phase_channels": 8, "hidden": 32}
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("train")
+    (root / "lib.yaml").write_text(YAML)
+    lib_url = make_library(str(root / "lib.yaml"), str(root / "lib.zarr"), n=4000, block=1000)
+    model_url = str(root / "model")
+    train_ensemble(lib_url, model_url, ensemble=3, epochs=12, batch=64, lr=2e-3, parallel=False,
+                   model_options=SMALL)
+    return root, model_url
+
+
+@pytest.mark.slow
+def test_held_out_accuracy_is_recorded_and_meets_the_targets(trained):
+    _, model_url = trained
+    entry = open_entry(model_url)
+    out = entry.metrics["outputs"]
+    assert entry.metrics["n_test"] == 400
+    assert out["NCA.scale"]["r2"] >= 0.98
+    assert out["Al.scale"]["r2"] >= 0.98
+    assert out["NCA.a"]["mae"] <= 0.003
+    assert out["NCA.c"]["mae"] <= 0.015
+    assert len(entry.members) == 3 and all(len(m["curves"]["val_mae"]) >= 1 for m in entry.members)
+
+
+@pytest.mark.slow
+def test_ensemble_std_is_larger_out_of_distribution(trained):
+    root, model_url = trained
+    lib = PhaseLibrary.load(str(root / "lib.yaml"))
+    rng = np.random.default_rng(99)
+    labels = lib.sample(300, rng)
+    clean = lib.simulate(labels, rng, noise=False)
+    licx = builtin_phase("LiC6")  # a phase the library never contained (~20 % of the intensity)
+    extra = simulate_patterns(lib.q, [licx], {"LiC6": {"scale": rng.uniform(1.0, 3.0, 300)}}, lib.instrument_model())
+    ens = load_ensemble(model_url, engine="torch")
+    std_in = ens.predict(clean)[1].mean(axis=0)          # per output, absolute units
+    std_out = ens.predict(clean + extra)[1].mean(axis=0)
+    ratio = std_out / std_in
+    assert (ratio > 1.0).all(), ratio
+    assert ratio.mean() > 2.0, ratio
+
+
+@pytest.mark.slow
+def test_maps_from_a_phantom_volume_correlate_with_the_truth(trained, tmp_path):
+    root, model_url = trained
+    lib = PhaseLibrary.load(str(root / "lib.yaml"))
+    rng = np.random.default_rng(5)
+    yy, xx = np.mgrid[0:12, 0:12] / 11.0
+    truth = {"NCA": {"scale": 0.1 + 0.9 * xx.ravel(), "a": 2.81 + 0.065 * yy.ravel(),
+                     "c": 14.15 + 0.4 * (1 - yy.ravel())},
+             "Al": {"scale": 0.1 + 0.1 * np.sin(3 * yy.ravel() + xx.ravel())}}
+    patterns = lib.simulate(truth, rng).reshape(12, 12, -1)
+    vol = xr.Dataset({"intensity": (("y", "x", "q"), patterns)},
+                     coords={"y": np.arange(12) * 0.03, "x": np.arange(12) * 0.03, "q": lib.q})
+    vol_url = storage.write_store(vol.chunk({"y": 6}), str(tmp_path / "volume.zarr"), stage="volume")
+    from xrdscale.pqnet.predict import predict
+
+    maps = storage.open_store(predict(model_url, vol_url, str(tmp_path / "maps.zarr")), stage="maps")
+    for phase, var in [("NCA", "scale"), ("Al", "scale"), ("NCA", "a"), ("NCA", "c")]:
+        got = maps[var].sel(phase=phase).values.ravel()
+        assert np.corrcoef(got, truth[phase][var])[0, 1] >= 0.9, (phase, var)
+    assert np.isnan(maps["a"].sel(phase="Al").values).all() and np.isnan(maps["size"].values).all()
