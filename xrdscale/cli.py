@@ -67,6 +67,7 @@ COMMAND_MODULES: list[str] = [
     "xrdscale.cli_reconstruct",
     "xrdscale.campaign.cli",
     "xrdscale.pqnet.cli",
+    "xrdscale.analysis.cli",
 ]
 
 _register()

@@ -145,8 +145,11 @@ def unroll(da: xr.DataArray, centre: tuple[float, float], *, pitch: float = 0.0,
     iy = (yc + r * np.sin(theta)[None, :] - y0) / sy
     ix = (xc + r * np.cos(theta)[None, :] - x0) / sx
     iy = np.where(r >= 0, iy, -1e9)
+    src = da.transpose(..., "y", "x")
+    if src.chunks is not None:  # one (y, x) image per block; leading dims (phase) stay chunked
+        src = src.chunk({"y": -1, "x": -1})
     out = xr.apply_ufunc(
-        _unroll_2d, da.transpose(..., "y", "x"), kwargs={"iy": iy, "ix": ix},
+        _unroll_2d, src, kwargs={"iy": iy, "ix": ix},
         input_core_dims=[["y", "x"]], output_core_dims=[["radius", "angle"]], vectorize=True,
         dask="parallelized", output_dtypes=[float],
         dask_gufunc_kwargs={"output_sizes": {"radius": radius.size, "angle": angle.size}},
