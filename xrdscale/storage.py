@@ -20,6 +20,7 @@ import json
 import logging
 import os
 import posixpath
+import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
 
@@ -212,14 +213,25 @@ def write_store(ds: xr.Dataset, url: str, *, stage: str, config: Mapping[str, An
         ``url``.
     """
     begin_store(url)
-    ds = ds.copy()
+    ds = _portable_strings(ds.copy())
     ds.attrs.update(provenance(stage, config))
-    with io_errors(url, f"write the {stage} store"):
+    with io_errors(url, f"write the {stage} store"), warnings.catch_warnings():
+        # Consolidated metadata is not (yet) in the zarr v3 spec, but zarr-python and xarray
+        # support it and it saves one request per array on object stores.
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
         ds.to_zarr(url, mode="w", encoding=dict(encoding or {}), storage_options=storage_options(url) or None,
                    consolidated=True)
     mark_complete(url, {"stage": stage, **(marker or {})})
     logger.info("wrote %s store %s", stage, redact(url))
     return url
+
+
+def _portable_strings(ds: xr.Dataset) -> xr.Dataset:
+    """Store fixed-width unicode arrays as variable-length strings (specified in zarr v3)."""
+    for name, var in list(ds.variables.items()):
+        if var.dtype.kind == "U":
+            ds[name] = var.astype(object)
+    return ds
 
 
 def begin_store(url: str) -> None:
