@@ -121,24 +121,25 @@ def lattice_exponents(phase: object) -> dict[str, float]:
     return out
 
 
-def _mass_factor(maps: xr.Dataset, name: str, phase: object) -> tuple[xr.DataArray, xr.DataArray]:
-    """``k = ZMV/V²`` per pixel and its relative variance from the lattice std maps."""
-    k0 = phase.zmv() / phase.volume() ** 2
-    template = maps["scale"].sel(phase=name, drop=True)
-    k = xr.full_like(template, k0, dtype=float)
-    rel_var = xr.zeros_like(template, dtype=float)
-    for key, n_v in lattice_exponents(phase).items():
-        n_k = -n_v  # k = ZMV / V² = ZM / V
+def _mass_factor(maps: xr.DataArray, objs: Mapping[str, object], names: Sequence[str]) -> tuple[xr.DataArray, xr.DataArray]:
+    """``k = ZMV/V²`` (phase, …) per pixel and its relative variance from the lattice std maps."""
+    ph = xr.DataArray(list(names), dims="phase", name="phase")
+    k = xr.DataArray([objs[n].zmv() / objs[n].volume() ** 2 for n in names], dims="phase", coords={"phase": ph})
+    k = k * xr.ones_like(maps["scale"].sel(phase=list(names)), dtype=float)
+    rel_var = xr.zeros_like(k)
+    exps = {n: lattice_exponents(objs[n]) for n in names}
+    for key in sorted({key for e in exps.values() for key in e}):
         if key not in maps.data_vars:
             continue
-        lat = maps[key].sel(phase=name, drop=True)
-        ratio = (lat / phase.lattice[key]).where(np.isfinite(lat) & (lat > 0), 1.0)
-        k = k * ratio**n_k
-        std_name = f"{key}_std"
-        if std_name in maps.data_vars:
-            std = maps[std_name].sel(phase=name, drop=True)
-            rel = (n_k * std / lat).where(np.isfinite(std) & np.isfinite(lat) & (lat > 0), 0.0)
-            rel_var = rel_var + rel**2
+        # k = ZMV / V² = ZM / V, so ∂ln k/∂ln key = −∂ln V/∂ln key
+        n_k = xr.DataArray([-exps[n].get(key, 0.0) for n in names], dims="phase", coords={"phase": ph})
+        lat0 = xr.DataArray([objs[n].lattice.get(key, 1.0) for n in names], dims="phase", coords={"phase": ph})
+        lat = maps[key].sel(phase=list(names))
+        valid = np.isfinite(lat) & (lat > 0) & (n_k != 0)
+        k = k * xr.where(valid, (lat / lat0) ** n_k, 1.0)
+        if f"{key}_std" in maps.data_vars:
+            std = maps[f"{key}_std"].sel(phase=list(names))
+            rel_var = rel_var + xr.where(valid & np.isfinite(std), (n_k * std / lat) ** 2, 0.0)
     return k, rel_var
 
 
@@ -177,32 +178,17 @@ def weight_fractions(maps: xr.Dataset, phases: Mapping[str, object] | None = Non
     excluded = [n for n in names if n not in crystalline]
     if not crystalline:
         raise InputError(f"weight fractions need at least one crystalline phase; the maps have only {names}")
-    has_std = "scale_std" in maps.data_vars
-    u, var_u = {}, {}
-    for name in crystalline:
-        k, rel_var = _mass_factor(maps, name, objs[name])
-        s = maps["scale"].sel(phase=name, drop=True).clip(min=0.0)
-        u[name] = s * k
-        s_std = maps["scale_std"].sel(phase=name, drop=True).fillna(0.0) if has_std else 0.0
-        var_u[name] = (k * s_std) ** 2 + u[name] ** 2 * rel_var
-    total = sum(u.values())
+    k, rel_var = _mass_factor(maps, objs, crystalline)
+    u = maps["scale"].sel(phase=crystalline).clip(min=0.0) * k
+    var_u = u**2 * rel_var
+    if "scale_std" in maps.data_vars:
+        var_u = var_u + (k * maps["scale_std"].sel(phase=crystalline).fillna(0.0)) ** 2
+    total = u.sum("phase")
     total = total.where(total > 0)
-    var_total = sum(var_u.values())
-    wf, wf_std = [], []
-    for name in names:
-        if name in excluded:
-            nan = xr.full_like(maps["scale"].sel(phase=name, drop=True), np.nan, dtype=float)
-            wf.append(nan)
-            wf_std.append(nan)
-            continue
-        w = u[name] / total
-        var = ((1 - w) ** 2 * var_u[name] + w**2 * (var_total - var_u[name])) / total**2
-        wf.append(w)
-        wf_std.append(np.sqrt(var))
-    out = xr.Dataset({
-        "weight_fraction": xr.concat(wf, dim="phase").assign_coords(phase=names),
-        "weight_fraction_std": xr.concat(wf_std, dim="phase").assign_coords(phase=names),
-    })
+    w = u / total
+    var = ((1 - w) ** 2 * var_u + w**2 * (var_u.sum("phase") - var_u)) / total**2
+    out = xr.Dataset({"weight_fraction": w, "weight_fraction_std": np.sqrt(var)})
+    out = out.reindex(phase=names).transpose(*maps["scale"].dims)  # non-crystalline phases → NaN
     note = "Hill & Howard, W_i = S_i (ZMV)_i / V_i^2 / sum_j; first-order std from the ensemble std"
     if excluded:
         note += f"; excluded as non-crystalline (NaN): {', '.join(excluded)}"

@@ -187,34 +187,42 @@ def roi_table(datasets: Mapping[str, xr.Dataset], rois: xr.DataArray | Mapping[s
     rows = []
     for ds_id, maps in datasets.items():
         roi_set = rois[ds_id] if isinstance(rois, Mapping) else rois
-        for roi_name in [str(r) for r in roi_set["roi"].values]:
-            mask = roi_set.sel(roi=roi_name).values
-            n = int(mask.sum())
+        names = [str(r) for r in roi_set["roi"].values]
+        counts = roi_set.sum(("y", "x")).values
+        for name, n in zip(names, counts):
             if n == 0:
-                raise InputError(f"ROI {roi_name!r} is empty in dataset {ds_id!r}: no pixel satisfies its "
+                raise InputError(f"ROI {name!r} is empty in dataset {ds_id!r}: no pixel satisfies its "
                                  "definition; relax the threshold or check the polygon (mm coordinates)")
-            m = xr.DataArray(mask, dims=("y", "x"))
-            stats = {}
-            for var in [v for v in variables if v in maps.data_vars]:
-                sel = maps[var].where(m)
-                stats[(var, "mean")] = sel.mean(("y", "x"))
-                stats[(var, "std")] = sel.std(("y", "x"))
-                if f"{var}_std" in maps.data_vars:
-                    stats[(var, "ens")] = maps[f"{var}_std"].where(m).mean(("y", "x"))
-            with warnings.catch_warnings():  # all-NaN maps (no c for a cubic phase) give NaN rows, dropped below
-                warnings.simplefilter("ignore", RuntimeWarning)
-                done = xr.Dataset({f"{k[0]}|{k[1]}": v for k, v in stats.items()}).compute()
-            computed = {k: done[f"{k[0]}|{k[1]}"] for k in stats}
-            for var in {k[0] for k in stats}:
-                for ph in [str(p) for p in maps["phase"].values]:
-                    mean = float(computed[(var, "mean")].sel(phase=ph))
-                    if not np.isfinite(mean):
+        mask = xr.DataArray(roi_set.values.astype(float), dims=("roi", "y", "x"), coords={"roi": names})
+        stats = {}
+        for var in [v for v in variables if v in maps.data_vars]:
+            # masked sums as tensor contractions over (y, x): chunk-wise, no (roi, phase, y, x) temporaries
+            x = maps[var].astype(float)
+            valid = x.notnull().astype(float)
+            x0 = x.fillna(0.0)
+            n = xr.dot(mask, valid, dim=("y", "x"))
+            mean = xr.dot(mask, x0, dim=("y", "x")) / n
+            stats[f"{var}|mean"] = mean
+            stats[f"{var}|std"] = np.sqrt((xr.dot(mask, x0**2, dim=("y", "x")) / n - mean**2).clip(min=0.0))
+            if f"{var}_std" in maps.data_vars:
+                e = maps[f"{var}_std"].astype(float)
+                stats[f"{var}|ens"] = xr.dot(mask, e.fillna(0.0), dim=("y", "x")) / xr.dot(
+                    mask, e.notnull().astype(float), dim=("y", "x"))
+        with warnings.catch_warnings():  # all-NaN maps (no c for a cubic phase) give NaN rows, dropped below
+            warnings.simplefilter("ignore", RuntimeWarning)
+            done = xr.Dataset(stats).compute()
+        for var in dict.fromkeys(k.split("|")[0] for k in stats):
+            mean = done[f"{var}|mean"].transpose("roi", "phase")
+            std = done[f"{var}|std"].transpose("roi", "phase")
+            ens = done[f"{var}|ens"].transpose("roi", "phase").values if f"{var}|ens" in done else None
+            for i, name in enumerate(names):
+                for j, ph in enumerate(str(p) for p in mean["phase"].values):
+                    if not np.isfinite(mean.values[i, j]):
                         continue
-                    ens = computed.get((var, "ens"))
-                    rows.append({"dataset": ds_id, "roi": roi_name, "phase": ph, "variable": var, "mean": mean,
-                                 "std": float(computed[(var, "std")].sel(phase=ph)),
-                                 "ensemble_std": float(ens.sel(phase=ph)) if ens is not None else np.nan,
-                                 "n_pixels": n})
+                    rows.append({"dataset": ds_id, "roi": name, "phase": ph, "variable": var,
+                                 "mean": float(mean.values[i, j]), "std": float(std.values[i, j]),
+                                 "ensemble_std": float(ens[i, j]) if ens is not None else np.nan,
+                                 "n_pixels": int(counts[i])})
     table = pd.DataFrame(rows, columns=["dataset", "roi", "phase", "variable", "mean", "std", "ensemble_std",
                                         "n_pixels"])
     return table.sort_values(["dataset", "roi", "variable", "phase"], kind="stable").reset_index(drop=True)
