@@ -138,6 +138,11 @@ class DetectorModel:
         """Frame shape (ny, nx)."""
         return tuple(self.integrator.detector.max_shape)
 
+    @property
+    def batch(self) -> int:
+        """Frames per batch that keep a batch's float arrays under ~64 MB."""
+        return max(1, _BLOCK_FLOATS // self.mask.size)
+
     def q_range(self) -> tuple[float, float]:
         """Smallest and largest q [1/Å] any unmasked pixel sees."""
         keep = ~self.mask.ravel()
@@ -180,9 +185,8 @@ class DetectorModel:
         """
         patterns = np.atleast_2d(patterns)
         n = patterns.shape[0]
-        npix = self.mask.size
         out = np.empty((n, *self.shape), dtype=np.int32)
-        block = max(1, _BLOCK_FLOATS // max(npix, patterns.shape[1]))
+        block = self.batch
         for s in range(0, n, block):
             lam = self.expected(q, patterns[s:s + block], np.asarray(i0)[s:s + block])
             counts = rng.poisson(np.clip(lam, 0, None)).astype(np.int32)

@@ -173,7 +173,7 @@ def make_phantom(size: int, *, voltage: float = V_MIN, seed: int = 0, fov_mm: fl
          "region": (("y", "x"), region),
          "layer": (("y", "x"), layer),
          "al_tab_roi": (("y", "x"), roi)},
-        coords={"phase": list(PHASES), "y": coord, "x": coord},
+        coords={"phase": np.array(PHASES, dtype=object), "y": coord, "x": coord},
         attrs={"voltage": float(voltage), "state": state_of(voltage), "voxel_size_mm": vox, "fov_mm": fov,
                "cell_center_mm": [float(center[0]), float(center[1])], "materials": list(MATERIALS),
                "regions": dict(REGIONS), "seed": int(seed), "turns": geo.turns},
