@@ -1,0 +1,75 @@
+"""`xrdscale simulate beamtime` end to end (demo preset) and its user errors."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import yaml
+
+from xrdscale import storage
+
+CHECK = Path("/work/shared/tools/check_contracts.py")
+
+
+def cli(*args: str) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-m", "xrdscale.cli", *args], capture_output=True, text=True, timeout=300)
+
+
+def test_demo_beamtime_end_to_end(tmp_path):
+    import pyFAI
+    from pyFAI.calibrant import CALIBRANT_FACTORY
+
+    from xrdscale.simulate.phaselib import PhaseLibrary
+
+    out = tmp_path / "bt"
+    proc = cli("simulate", "beamtime", str(out), "--preset", "demo", "--seed", "3")
+    assert proc.returncode == 0, proc.stderr
+    spec_path = out / "jobs" / "demo-18650.yaml"
+    spec = yaml.safe_load(spec_path.read_text())
+    base = spec_path.parent
+    datasets = [d for c in spec["cycles"] for d in c["datasets"]]
+    assert [d["voltage"] for d in datasets] == [2.65, 3.85, 4.2]
+    ai = pyFAI.load(str(base / spec["geometry"]["poni"]))
+    assert ai.wavelength == pytest.approx(0.130509e-10)
+    lib = PhaseLibrary.load(str(base / spec["phases"]))
+    ranges = yaml.safe_load((base / spec["phases"]).read_text())["phases"]
+    for d in datasets:
+        raw = base / d["raw"]
+        ok = subprocess.run([sys.executable, str(CHECK), "raw", str(raw)], capture_output=True, text=True)
+        assert ok.returncode == 0, ok.stdout
+        truth = storage.open_store(str(out / "truth" / f"{d['id']}.zarr"), stage="truth")
+        assert truth.attrs["voltage"] == d["voltage"]
+        # the phase library covers every value of the phantom (absolute scale units)
+        for name in lib.phase_names:
+            sc = truth.scale.sel(phase=name).values
+            lo, hi = ranges[name]["scale"]
+            assert sc.min() >= lo and sc.max() <= hi
+            for key, var in (("a", "a"), ("c", "c"), ("size_nm", "size")):
+                if key in ranges[name]:
+                    v = truth[var].sel(phase=name).values
+                    v = v[np.isfinite(v)]
+                    assert v.size == 0 or (v.min() >= ranges[name][key][0] and v.max() <= ranges[name][key][1])
+    # the CeO2 calibration pattern peaks where pyFAI's calibrant library puts the CeO2 lines
+    q, inten = np.loadtxt(out / "calib" / "ceo2.txt", unpack=True)
+    d_ref = np.array(CALIBRANT_FACTORY("CeO2").dspacing[:6])
+    for qp in 2 * np.pi / d_ref:
+        if q[0] + 0.05 < qp < q[-1] - 0.05:
+            win = np.abs(q - qp) < 0.05
+            assert abs(q[win][np.argmax(inten[win])] - qp) < 0.01
+
+
+@pytest.mark.parametrize("args, words", [
+    (("simulate", "beamtime", "{tmp}/x", "--preset", "huge"), "unknown preset"),
+    (("simulate", "beamtime", "{tmp}/file.txt/sub"), "cannot"),
+])
+def test_bad_beamtime_input_is_one_error_line(tmp_path, args, words):
+    (tmp_path / "file.txt").write_text("not a folder")
+    proc = cli(*(a.format(tmp=tmp_path) for a in args))
+    assert proc.returncode != 0
+    assert "Traceback" not in proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1 and words in errors[0], proc.stderr
