@@ -106,6 +106,7 @@ class DetectorModel:
     q_lo: np.ndarray = field(repr=False)
     q_hi: np.ndarray = field(repr=False)
     gain: np.ndarray = field(repr=False)
+    _cache: tuple | None = field(default=None, repr=False, compare=False)
 
     @classmethod
     def from_integrator(cls, ai, mask: np.ndarray | None = None, *, polarization_factor: float = 0.99) -> DetectorModel:
@@ -169,14 +170,29 @@ class DetectorModel:
         # Mean over [q_lo, q_hi] from the cumulative (trapezoid) integral of each pattern.
         cum = np.concatenate([np.zeros((patterns.shape[0], 1)),
                               np.cumsum(0.5 * (patterns[:, 1:] + patterns[:, :-1]) * np.diff(q), axis=1)], axis=1)
-        ilo, wlo = _interp_weights(q, self.q_lo)
-        ihi, whi = _interp_weights(q, self.q_hi)
-        c_lo = cum[:, ilo] * (1 - wlo) + cum[:, ilo + 1] * wlo
-        c_hi = cum[:, ihi] * (1 - whi) + cum[:, ihi + 1] * whi
-        width = np.maximum(self.q_hi - self.q_lo, 1e-12)
-        out = (c_hi - c_lo) / width * self.gain * np.asarray(i0, dtype=float).reshape(-1, 1)
-        out[:, self.mask.ravel()] = 0.0
+        keep, op = self._operator(q)
+        out = np.zeros((patterns.shape[0], self.mask.size))
+        out[:, keep] = (op @ cum.T).T * np.asarray(i0, dtype=float).reshape(-1, 1)
         return out.reshape(-1, *self.shape)
+
+    def _operator(self, q: np.ndarray) -> tuple[np.ndarray, sp.csr_matrix]:
+        """Unmasked pixels and the sparse map cumulative pattern → pixel value (cached per q grid).
+
+        Row p holds ``gain_p / (q_hi - q_lo)`` times the linear-interpolation weights of
+        ``C(q_hi) - C(q_lo)``: four non-zeros per pixel.
+        """
+        key = (q.size, float(q[0]), float(q[-1]))
+        if self._cache is None or self._cache[0] != key:
+            keep = np.flatnonzero(~self.mask.ravel())
+            lo, hi = self.q_lo[keep], self.q_hi[keep]
+            factor = self.gain[keep] / np.maximum(hi - lo, 1e-12)
+            (ilo, wlo), (ihi, whi) = _interp_weights(q, lo), _interp_weights(q, hi)
+            rows = np.tile(np.arange(keep.size), 4)
+            cols = np.concatenate([ihi, ihi + 1, ilo, ilo + 1])
+            vals = np.concatenate([(1 - whi) * factor, whi * factor, -(1 - wlo) * factor, -wlo * factor])
+            op = sp.csr_matrix((vals, (rows, cols)), shape=(keep.size, q.size))
+            self._cache = (key, (keep, op))
+        return self._cache[1]
 
     def frames(self, q: np.ndarray, patterns: np.ndarray, i0: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         """Poisson-counted int32 frames; masked pixels hold :data:`MASKED_VALUE`.
