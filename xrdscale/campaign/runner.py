@@ -298,6 +298,10 @@ class Runner:
         self.invocation = self.store.start_invocation(spec.campaign)
         result = RunResult(self.invocation)
         finished_ok = False
+        if self.ray is not None and any(t.stage.ray and not is_done(t) for t in plan.all_tasks()):
+            # Connect Ray from this long-lived thread: the processes of a local Ray die with the
+            # thread that started them (parent-death signal), and the stage threads end early.
+            self.ray.ensure()
         try:
             with ThreadPoolExecutor(max_workers=spec.runner.concurrency + 1,
                                     thread_name_prefix="xrdscale-campaign") as pool:

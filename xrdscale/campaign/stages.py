@@ -79,6 +79,8 @@ class Stage:
     external : callable
         ``external(spec, dataset) -> dict``: input URLs outside the workspace (raw files,
         PONI, phase library) whose identity enters the input hash.
+    ray : bool
+        The stage runs work on Ray; the runner connects Ray before it starts its threads.
     """
 
     name: str
@@ -89,6 +91,7 @@ class Stage:
     scope: str = "dataset"
     suffix: str = ".zarr"
     external: Callable[[Any, Any], dict] = field(default=lambda spec, ds: {})
+    ray: bool = False
 
 
 def _dump(model: Any) -> dict:
@@ -174,7 +177,8 @@ def _run_analyse(call: StageCall) -> None:
     _ray(call)
     volume = call.inputs.get("denoise") or call.inputs["reconstruct"]
     scratch = call.out.rstrip("/").removesuffix(".zarr") + ".predicted.zarr"
-    predict(call.inputs[MODEL], volume, scratch, actors=cfg["actors"], batch=cfg["batch"])
+    # the number of actors changes the speed, not the result: it is not part of the hashed config
+    predict(call.inputs[MODEL], volume, scratch, actors=call.spec.pipeline.analyse.actors, batch=cfg["batch"])
     maps = storage.open_store(scratch, stage="maps")
     config = {"model": storage.redact(call.inputs[MODEL]), **cfg}
     storage.write_store(with_weight_fractions(maps, _phases(call.spec)), call.out, stage="maps", config=config)
@@ -214,7 +218,7 @@ def default_stages() -> list[Stage]:
         Stage("library", _run_library, lambda s: {k: v for k, v in p("train")(s).items() if k in ("n", "seed")},
               scope="model", external=lambda s, d: {"phases": s.phases}),
         Stage("train", _run_train, lambda s: {k: v for k, v in p("train")(s).items() if k != "n"},
-              needs=("library",), scope="model", suffix=""),
+              needs=("library",), scope="model", suffix="", ray=True),
         Stage("integrate", _run_integrate, p("integrate"), external=_raw_inputs),
         Stage("sinogram", _run_sinogram, p("sinogram"), needs=("integrate",)),
         Stage("absorption", _run_absorption, lambda s: {k: v for k, v in p("absorption")(s).items() if k != "mu_map"},
@@ -224,7 +228,7 @@ def default_stages() -> list[Stage]:
         Stage("denoise", _run_denoise, p("denoise"), needs=("reconstruct",),
               enabled=lambda s: s.pipeline.denoise.enabled),
         Stage("analyse", _run_analyse, lambda s: {k: v for k, v in p("analyse")(s).items() if k != "actors"},
-              needs=("denoise", MODEL)),
+              needs=("denoise", MODEL), ray=True),
         Stage("report", _run_report, lambda s: {}, scope="report", suffix=""),
     ]
 
