@@ -4,11 +4,12 @@ Ray sums are computed with a sparse matrix of our own (Joseph's method: per row 
 column crossed, linear interpolation between the two nearest voxels), independent of
 ASTRA so that reconstruction tests compare two separate implementations.
 
-Conventions (those of ASTRA's 2D parallel-beam geometry on the same array): an image of
+Conventions (the standard Radon transform, shared with :mod:`xrdscale.recon`): an image of
 ``n × n`` voxels has coordinates ``x_j = j - (n-1)/2`` (columns) and ``y_i = i - (n-1)/2``
-(rows) in voxel units, the rotation axis at the image centre. At rotation angle ``θ``
-the ray at translation ``t`` (voxel units, measured from the rotation axis) is the line
-``x cos θ - y sin θ = t``. Ray sums are line integrals in voxel-length units, so a
+(rows, y ascending) in voxel units, the rotation axis at the image centre. At rotation
+angle ``θ`` the ray at translation ``t`` (voxel units, measured from the rotation axis) is
+the line ``x cos θ + y sin θ = t``. (ASTRA's rows run from +y downwards, so this is ASTRA's
+parallel-beam geometry applied to the image flipped upside down.) Ray sums are line integrals in voxel-length units, so a
 filtered back projection on a unit-voxel grid returns the per-voxel values.
 
 The detector model turns a 1D pattern ``P(q)`` into a 2D frame exactly as pyFAI's
@@ -68,13 +69,13 @@ def ray_matrix(n: int, angle_deg: float, t: np.ndarray) -> sp.csr_matrix:
     centre = (n - 1) / 2.0
     steps = np.arange(n, dtype=float) - centre          # coordinate of the crossed rows/columns
     if abs(cos) >= abs(sin):
-        # Mostly along y: cross every row i, interpolate along x = (t + y sin) / cos.
-        pos = (t[:, None] + steps[None, :] * sin) / cos + centre
+        # Mostly along y: cross every row i, interpolate along x = (t - y sin) / cos.
+        pos = (t[:, None] - steps[None, :] * sin) / cos + centre
         weight = 1.0 / abs(cos)
         crossed_is_row = True
     else:
-        # Mostly along x: cross every column j, interpolate along y = (x cos - t) / sin.
-        pos = (steps[None, :] * cos - t[:, None]) / sin + centre
+        # Mostly along x: cross every column j, interpolate along y = (t - x cos) / sin.
+        pos = (t[:, None] - steps[None, :] * cos) / sin + centre
         weight = 1.0 / abs(sin)
         crossed_is_row = False
     lo = np.floor(pos).astype(np.int64)
