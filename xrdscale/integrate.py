@@ -24,6 +24,7 @@ import json
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Sequence
 from dataclasses import asdict, dataclass
 
@@ -97,12 +98,19 @@ def _load_mask(url: str, shape: tuple[int, int] | None = None) -> np.ndarray:
     return arr != 0
 
 
-@functools.lru_cache(maxsize=4)
 def integrator(spec: IntegratorSpec):
-    """Return ``(ai, mask)`` for ``spec``, built once per process and reused.
+    """Return ``(ai, mask)`` for ``spec``, built once per worker thread and reused.
 
-    ``mask`` combines the detector's own mask with the user mask (True = masked).
+    ``mask`` combines the detector's own mask with the user mask (True = masked). One
+    pyFAI integrator is not safe to call from two threads at once (its engines keep
+    per-call buffers), so each thread of a worker gets its own; a distributed worker
+    with ``threads_per_worker=1`` builds exactly one.
     """
+    return _build_integrator(spec, threading.get_ident())
+
+
+@functools.lru_cache(maxsize=8)
+def _build_integrator(spec: IntegratorSpec, thread: int):
     ai = _load_poni(spec.poni)
     mask = np.zeros(spec.frame_shape, dtype=bool)
     det_mask = ai.detector.mask
@@ -209,8 +217,7 @@ def resolve_spec(scan: rawframes.RawScan, *, poni: str, mask: str | None = None,
         combined |= _load_mask(mask, shape)
     if combined.all():
         raise InputError(f"the mask leaves no valid pixel of {scan.source.name}; check the mask file")
-    qpix = ai.array_from_unit(shape, "center", UNIT)
-    qvalid = qpix[~combined]
+    qvalid = _pixel_q(ai, combined)
     if q_range is None:
         q_range = (float(qvalid.min()), float(qvalid.max()))
     lo, hi = (float(v) for v in q_range)
@@ -223,6 +230,20 @@ def resolve_spec(scan: rawframes.RawScan, *, poni: str, mask: str | None = None,
     return IntegratorSpec(poni=poni_text, mask_url=mask, mask_sha256=mask_sha, frame_shape=tuple(shape),
                           npt=int(npt), q_range=(lo, hi), method=method, percentile=(lo_p, hi_p),
                           polarization_factor=polarization_factor, sigma_clip_threshold=float(sigma_clip_threshold))
+
+
+def _pixel_q(ai, masked: np.ndarray, max_points: int = 250_000) -> np.ndarray:
+    """q (1/Å) at the centres of the unmasked pixels, on a sub-grid of at most ~``max_points``."""
+    stride = max(1, int(np.ceil(np.sqrt(masked.size / max_points))))
+    rows = np.unique(np.r_[np.arange(0, masked.shape[0], stride), masked.shape[0] - 1])
+    cols = np.unique(np.r_[np.arange(0, masked.shape[1], stride), masked.shape[1] - 1])
+    keep = ~masked[np.ix_(rows, cols)]
+    d1, d2 = np.meshgrid(rows, cols, indexing="ij")  # qFunction takes pixel indices (centres)
+    q = ai.qFunction(d1[keep], d2[keep]) / 10.0  # pyFAI works in 1/nm
+    if q.size == 0:  # the sub-grid missed the few valid pixels: use them all
+        d1, d2 = np.nonzero(~masked)
+        q = ai.qFunction(d1, d2) / 10.0
+    return q
 
 
 def q_centres(spec: IntegratorSpec) -> np.ndarray:

@@ -10,7 +10,7 @@ lines, interlaced angular subsets and repeated or 360° scans all land where the
    which for a parallel-beam projection follows ``c + A cos θ + B sin θ``
    (least-squares fit, sub-pixel), or taken as given;
 4. each line is resampled (linear interpolation in translation) onto a symmetric grid
-   ``u = t - c`` with the line's own step; lines at θ ≥ 180° are folded onto θ - 180°
+   ``u = t - c`` with the line's own step (0 beyond the measured range); lines at θ ≥ 180° are folded onto θ - 180°
    with ``u`` mirrored; lines that land on the same angle are averaged.
 
 Steps 1–4 make a sparse matrix ``W`` (cells × frames). The patterns are rechunked to
@@ -119,7 +119,8 @@ def placement(lines: Lines, translation: np.ndarray, center: float, n_frames: in
     u : ndarray
         Translation grid with the rotation axis at 0 (odd length, symmetric).
     W : scipy.sparse.csr_matrix
-        (len(angle) * len(u), n_frames); each row's weights sum to 1.
+        (len(angle) * len(u), n_frames); a row's weights sum to 1 inside the measured
+        translation range and to 0 outside it.
     """
     steps = [np.median(np.diff(translation[m])) for m in lines.members if m.size > 1]
     step = float(np.median(np.abs(steps))) if steps else 0.0
@@ -149,20 +150,28 @@ def placement(lines: Lines, translation: np.ndarray, center: float, n_frames: in
 
 
 def _interp_weights(pos: np.ndarray, frames_: np.ndarray, u: np.ndarray):
-    """Linear-interpolation weights of grid ``u`` from samples at ascending ``pos`` (clamped at the ends)."""
+    """Linear-interpolation weights of grid ``u`` from samples at ascending ``pos``.
+
+    Grid points beyond the measured range (more than half a step outside) get no weight:
+    after air subtraction they hold 0, the value of a sample-free ray.
+    """
     if pos.size == 1:
         return np.arange(u.size), np.full(u.size, frames_[0]), np.ones(u.size)
-    j = np.clip(np.searchsorted(pos, u) - 1, 0, pos.size - 2)
+    half = 0.5 * float(np.median(np.diff(pos)))
+    inside = (u >= pos[0] - half) & (u <= pos[-1] + half)
+    uu = u[inside]
+    j = np.clip(np.searchsorted(pos, uu) - 1, 0, pos.size - 2)
     span = pos[j + 1] - pos[j]
-    f = np.where(span > 0, (u - pos[j]) / np.where(span > 0, span, 1.0), 0.0)
+    f = np.where(span > 0, (uu - pos[j]) / np.where(span > 0, span, 1.0), 0.0)
     f = np.clip(f, 0.0, 1.0)
-    r = np.arange(u.size)
+    r = np.flatnonzero(inside)
     return (np.concatenate([r, r]), np.concatenate([frames_[j], frames_[j + 1]]),
             np.concatenate([1.0 - f, f]))
 
 
 def _apply(block: np.ndarray, air: np.ndarray, W: sp.csr_matrix, n_angle: int, n_u: int) -> np.ndarray:
-    out = W @ block.astype(np.float64) - air[None, :]
+    weight = np.asarray(W.sum(axis=1)).ravel()  # 1 inside the measured range, 0 outside
+    out = W @ block.astype(np.float64) - weight[:, None] * air[None, :]
     return out.reshape(n_angle, n_u, block.shape[1]).astype(np.float32)
 
 
