@@ -66,6 +66,7 @@ COMMAND_MODULES: list[str] = [
     "xrdscale.cli_integrate",
     "xrdscale.cli_reconstruct",
     "xrdscale.campaign.cli",
+    "xrdscale.demo",
     "xrdscale.pqnet.cli",
     "xrdscale.analysis.cli",
 ]

@@ -24,6 +24,7 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
 import socket
 import threading
 from collections.abc import Iterator
@@ -203,6 +204,10 @@ def connect(spec: Any) -> Iterator[Connection]:
         if spec.ray:
             check_reachable(spec.ray, default_port=10001, what="Ray cluster")
     if kind == "local":
+        # Dask workers attach to the local Ray to reach the inference actors; Ray enables token
+        # auth for a new local cluster, so the workers must start in token mode too (the token
+        # itself is in the user's ~/.ray/auth_token, shared by both).
+        os.environ.setdefault("RAY_AUTH_MODE", "token")
         cluster = _local_cluster(spec)
         client = Client(cluster)
         ray_handle = RayHandle(None, num_cpus=max(1, sum(client.nthreads().values())))

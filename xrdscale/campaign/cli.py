@@ -57,7 +57,7 @@ def run_cmd(
     for did, maps in result.maps.items():
         out.print(f"maps of {did}: {storage.redact(maps)}", highlight=False, soft_wrap=True)
     if result.report:
-        out.print(f"report: {storage.redact(storage.join(result.report, 'index.html'))}", highlight=False,
+        out.print(f"report: {storage.redact(storage.join(result.report, 'report.html'))}", highlight=False,
                   soft_wrap=True)
     if not result.ok:
         for did, err in result.failed.items():
@@ -118,7 +118,7 @@ def report_cmd(spec_url: str = SPEC_ARG, workspace: str | None = WORKSPACE_OPT) 
             store.end_invocation(runner.invocation, status)
     finally:
         store.close()
-    Console().print(f"report of {len(finished)} dataset(s): {storage.redact(storage.join(url, 'index.html'))}",
+    Console().print(f"report of {len(finished)} dataset(s): {storage.redact(storage.join(url, 'report.html'))}",
                     highlight=False, soft_wrap=True)
 
 

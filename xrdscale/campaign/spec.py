@@ -123,6 +123,11 @@ class AnalyseConfig(_Model):
     batch: int = Field(4096, ge=1)
 
 
+class ReportConfig(_Model):
+    rois: dict[str, dict] | None = Field(None, description="ROI spec of the report (xrdscale.analysis.roi); "
+                                         "default: the report's own; {} for none")
+
+
 class Pipeline(_Model):
     """Per-stage settings; every key optional, defaults are the package's."""
 
@@ -133,6 +138,7 @@ class Pipeline(_Model):
     denoise: DenoiseConfig = DenoiseConfig()
     train: TrainConfig = TrainConfig()
     analyse: AnalyseConfig = AnalyseConfig()
+    report: ReportConfig = ReportConfig()
 
 
 class RunnerConfig(_Model):

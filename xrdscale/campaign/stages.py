@@ -200,7 +200,7 @@ def _run_report(call: StageCall) -> None:
     model = {"url": storage.redact(call.inputs[MODEL])} if MODEL in call.inputs else None
     storage.begin_store(call.out)
     write_report(entries, call.out, title=f"xrdscale campaign {call.spec.campaign}", model=model,
-                 phases=_phases(call.spec), progress=False)
+                 rois=call.config["rois"], phases=_phases(call.spec), progress=False)
     storage.mark_complete(call.out, {"stage": "report"})
 
 
@@ -229,7 +229,7 @@ def default_stages() -> list[Stage]:
               enabled=lambda s: s.pipeline.denoise.enabled),
         Stage("analyse", _run_analyse, lambda s: {k: v for k, v in p("analyse")(s).items() if k != "actors"},
               needs=("denoise", MODEL), ray=True),
-        Stage("report", _run_report, lambda s: {}, scope="report", suffix=""),
+        Stage("report", _run_report, p("report"), scope="report", suffix=""),
     ]
 
 
