@@ -76,26 +76,12 @@ def register(app: typer.Typer) -> None:
         """Simulate the demo beamtime, train (or reuse) a small PQ-Net, run the campaign and write its report."""
         from rich.console import Console
 
-        from xrdscale.campaign.progress import CampaignProgress
-        from xrdscale.campaign.runner import run_campaign
+        from xrdscale.campaign.cli import run_and_print
         from xrdscale.campaign.spec import load_spec
 
         console = Console(stderr=True)
         out_abs = out if storage.is_remote(out) else os.path.abspath(out)
         with console.status("simulating the demo beamtime (or reusing it)…"):
             spec_url = prepare(out_abs, seed=seed, model=model)
-        spec = load_spec(spec_url)
-        with CampaignProgress(console) as progress:
-            result = run_campaign(spec, on_event=progress.event, on_connect=progress.connected)
-        stdout = Console()
-        for did, url in result.maps.items():
-            stdout.print(f"maps of {did}: {storage.redact(url)}", highlight=False, soft_wrap=True)
-        if result.report:
-            stdout.print(f"report: {storage.redact(storage.join(result.report, 'report.html'))}", highlight=False,
-                         soft_wrap=True)
-        stdout.print(f"campaign spec: {storage.redact(spec_url)} (run it again with `xrdscale campaign run`)",
-                     highlight=False, soft_wrap=True)
-        if not result.ok:
-            for did, err in result.failed.items():
-                console.print(f"[bold red]failed[/] {did}: {err}", highlight=False, soft_wrap=True)
-            raise typer.Exit(1)
+        run_and_print(load_spec(spec_url),
+                      note=f"campaign spec: {storage.redact(spec_url)} (run it again with `xrdscale campaign run`)")

@@ -38,8 +38,6 @@ def run_cmd(
     concurrency: int | None = typer.Option(None, "--concurrency", min=1, help="Datasets processed at once."),
 ) -> None:
     """Run every stage of every dataset, skipping what is already complete, and write the report."""
-    from xrdscale.campaign.progress import CampaignProgress
-    from xrdscale.campaign.runner import run_campaign
     from xrdscale.cluster import cluster_from_option
 
     spec = _load(spec_url, workspace)
@@ -50,6 +48,14 @@ def run_cmd(
     if runner_cfg:
         update["runner"] = spec.runner.model_copy(update=runner_cfg)
     spec = spec.model_copy(update=update)
+    run_and_print(spec)
+
+
+def run_and_print(spec, *, note: str | None = None) -> None:
+    """Run ``spec`` with live progress, print where the maps and the report are; exit 1 on failures."""
+    from xrdscale.campaign.progress import CampaignProgress
+    from xrdscale.campaign.runner import run_campaign
+
     console = Console(stderr=True)
     with CampaignProgress(console) as progress:
         result = run_campaign(spec, on_event=progress.event, on_connect=progress.connected)
@@ -59,6 +65,8 @@ def run_cmd(
     if result.report:
         out.print(f"report: {storage.redact(storage.join(result.report, 'report.html'))}", highlight=False,
                   soft_wrap=True)
+    if note:
+        out.print(note, highlight=False, soft_wrap=True)
     if not result.ok:
         for did, err in result.failed.items():
             console.print(f"[bold red]failed[/] {did}: {err}", highlight=False, soft_wrap=True)
