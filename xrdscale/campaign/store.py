@@ -16,6 +16,7 @@ import datetime as _dt
 import logging
 import os
 import threading
+import time
 import uuid
 from dataclasses import dataclass
 
@@ -141,21 +142,38 @@ class JobStore:
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             else:
                 self.engine = sa.create_engine(url, pool_pre_ping=True)
-            with self.engine.begin() as conn:
-                _meta.create_all(conn)
-                row = conn.execute(sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
-                if row is None:
-                    conn.execute(meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
-                elif int(row[0]) != SCHEMA_VERSION:
-                    raise ConfigError(
-                        f"job store {self.display_url} has schema version {row[0]}, this xrdscale uses "
-                        f"{SCHEMA_VERSION}; use a new workspace or job_store, or the xrdscale version that wrote it"
-                    )
+            self._init_schema()
         except SQLAlchemyError as exc:
             raise StorageError(
                 f"cannot open the job store {self.display_url}: {type(exc).__name__}: "
                 f"{_clean(str(exc).splitlines()[0])}; check the URL, that the server runs and the credentials"
             ) from exc
+
+    def _init_schema(self, attempts: int = 5) -> None:
+        """Create the tables and check the schema version.
+
+        Two processes opening a new store at once (a restarted driver beside a running one,
+        several runners on one PostgreSQL) can both find the tables missing; the loser's
+        CREATE or INSERT fails and is simply retried against the winner's tables.
+        """
+        for attempt in range(attempts):
+            try:
+                with self.engine.begin() as conn:
+                    _meta.create_all(conn)
+                    row = conn.execute(
+                        sa.select(meta_table.c.value).where(meta_table.c.key == "schema_version")).first()
+                    if row is None:
+                        conn.execute(meta_table.insert().values(key="schema_version", value=str(SCHEMA_VERSION)))
+                    elif int(row[0]) != SCHEMA_VERSION:
+                        raise ConfigError(
+                            f"job store {self.display_url} has schema version {row[0]}, this xrdscale uses "
+                            f"{SCHEMA_VERSION}; use a new workspace or job_store, or the xrdscale version that wrote it"
+                        )
+                return
+            except (sa.exc.OperationalError, sa.exc.IntegrityError, sa.exc.ProgrammingError):
+                if attempt == attempts - 1:
+                    raise
+                time.sleep(0.2 * (attempt + 1))
 
     @property
     def display_url(self) -> str:
