@@ -6,10 +6,11 @@ mean and the mean:
 
 - the bare loop: h5py reads frame after frame, one pyFAI integrator integrates each
   (same options as xrdscale: q_A^-1, q range, polarisation, solid angle, I0);
-- xrdscale's ``integrate`` on a distributed LocalCluster with 1 and 2 workers
-  (threads_per_worker=1), writing the patterns store (workers have loaded pyFAI's engines on
-  a 16x16 toy detector before the clock starts, as the bare loop's process has; the Pilatus
-  integrators are built inside the timed run in both cases);
+- xrdscale's ``integrate`` on the local cluster of ``xrdscale integrate --workers N`` (a
+  distributed LocalCluster, threads_per_worker=1) with 1 and 2 workers, writing the
+  patterns store (workers have loaded pyFAI's engines on a 16x16 toy detector before the
+  clock starts, as the bare loop's process has; the Pilatus integrators are built inside
+  the timed run in both cases);
 
 and prints frames/s of each and the ratios. Then prints the peak resident memory of each
 worker for two dataset lengths 4x apart (it must not grow with the length).
@@ -31,11 +32,11 @@ import h5py
 import hdf5plugin
 import numpy as np
 import pyFAI
-from distributed import Client, LocalCluster
 from pyFAI.detectors import detector_factory
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
 from xrdscale import frames
+from xrdscale.cli_integrate import dask_client
 from xrdscale.integrate import integrate
 
 NPT = 1000
@@ -96,8 +97,7 @@ def _warm() -> None:
 
 def run_xrdscale(path: str, poni: str, method: str, workers: int, out: str, chunk: int) -> tuple[float, list[float]]:
     """Frames per second of xrdscale on a fresh cluster, and each worker's peak RSS (MB)."""
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None,
-                      memory_limit="6GiB") as cluster, Client(cluster) as client:
+    with dask_client(workers, None) as client:  # the CLI's --workers N local cluster
         with h5py.File(path) as h5:
             n = h5[frames.DATA].shape[0]
         client.run(_warm)

@@ -109,15 +109,23 @@ def integrator(spec: IntegratorSpec):
     return _build_integrator(spec, threading.get_ident())
 
 
+#: Serialises the building of integrators within a process: pyFAI's first call computes and
+#: caches geometry arrays with code that aborted the process when two threads ran it at once.
+_BUILD_LOCK = threading.Lock()
+
+
 @functools.lru_cache(maxsize=8)
 def _build_integrator(spec: IntegratorSpec, thread: int):
-    ai = _load_poni(spec.poni)
-    mask = np.zeros(spec.frame_shape, dtype=bool)
-    det_mask = ai.detector.mask
-    if det_mask is not None and det_mask.shape == mask.shape:
-        mask |= det_mask.astype(bool)
-    if spec.mask_url is not None:
-        mask |= _load_mask(spec.mask_url, spec.frame_shape)
+    with _BUILD_LOCK:
+        ai = _load_poni(spec.poni)
+        mask = np.zeros(spec.frame_shape, dtype=bool)
+        det_mask = ai.detector.mask
+        if det_mask is not None and det_mask.shape == mask.shape:
+            mask |= det_mask.astype(bool)
+        if spec.mask_url is not None:
+            mask |= _load_mask(spec.mask_url, spec.frame_shape)
+        # one call on an empty frame builds and caches the geometry arrays and the engine
+        integrate_frame(ai, np.zeros(spec.frame_shape, dtype=np.float32), mask, spec, 1.0)
     logger.debug("built integrator for %s on pid %d", spec.method, os.getpid())
     return ai, mask
 
