@@ -115,6 +115,8 @@ class TrainConfig(_Model):
     ensemble: int = Field(10, ge=1)
     epochs: int = Field(35, ge=1)
     seed: int = 0
+    outputs: list[str] | None = Field(None, description="outputs to predict (e.g. [scale, NCA.a, NCA.c]); "
+                                      "default: every label of the phase library")
 
 
 class AnalyseConfig(_Model):

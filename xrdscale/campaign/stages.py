@@ -126,7 +126,7 @@ def _run_train(call: StageCall) -> None:
     cfg = call.config
     _ray(call)
     train_ensemble(call.inputs["library"], call.out, ensemble=cfg["ensemble"], epochs=cfg["epochs"],
-                   seed=cfg["seed"])
+                   seed=cfg["seed"], outputs=cfg.get("outputs"))
 
 
 def _run_integrate(call: StageCall) -> None:

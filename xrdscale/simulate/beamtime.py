@@ -194,15 +194,19 @@ def _write_calibration(out: str, detector: DetectorModel, instrument: Instrument
         storage.write_bytes(storage.join(out, "calib", "ceo2.txt"), (text + "\n").encode())
 
 
+#: Probability that a phase is absent from a training pattern: a voxel holds a few of the 13 phases.
+ABSENT = 0.6
+
+
 def _write_phase_library(out: str, instrument: Instrument) -> None:
     """The 13-phase library: packaged CIFs copied beside it, ranges covering the phantom's values."""
     phases = {}
     for name in phantom_mod.PHASES:
         if name == "separator":
-            phases[name] = {"peak": {"q": [1.52, 1.53], "fwhm": [0.01, 0.05]}, "scale": [0.0, 1.0]}
+            phases[name] = {"peak": {"q": [1.52, 1.53], "fwhm": [0.01, 0.05]}, "scale": [0.0, 1.0], "absent": ABSENT}
             continue
         storage.write_bytes(storage.join(out, "phases", "cif", f"{name}.cif"), _read(builtin_cif(name)))
-        entry = {"cif": f"cif/{name}.cif", "scale": [0.0, 1.0]}
+        entry = {"cif": f"cif/{name}.cif", "scale": [0.0, 1.0], "absent": ABSENT}
         for key, (lo, hi) in phantom_mod.RANGES[name].items():
             entry[key] = [60.0, 1000.0] if key == "size_nm" else [lo, hi]
         phases[name] = entry
@@ -210,14 +214,16 @@ def _write_phase_library(out: str, instrument: Instrument) -> None:
         "version": 1,
         "wavelength": instrument.wavelength,
         "q_grid": {"min": LIBRARY_Q[0], "max": LIBRARY_Q[1], "npt": LIBRARY_Q[2]},
-        "instrument": {"U": instrument.U, "V": instrument.V, "W": instrument.W, "X": instrument.X},
+        # The instrument profile is fitted to the integrated CeO2 frame, as at the beamline: it then
+        # includes the detector's own broadening, which the simulated frames have too.
+        "instrument": {"calibrant": "CeO2", "pattern": "../calib/ceo2.txt"},
         "background": {"chebyshev_order": 2, "amplitude": [0.0, 0.05]},
         "noise": {"counts": [1.0e5, 1.0e7]},
         "phases": phases,
     }
-    header = ("# Phase library of the simulated 18650 beamtime: the instrument the frames were simulated with;\n"
-              "# scale = volume fraction of a voxel (absolute units). To fit the instrument instead, use\n"
-              "# instrument: {calibrant: CeO2, pattern: ../calib/ceo2.txt}\n")
+    header = ("# Phase library of the simulated 18650 beamtime; scale = volume fraction of a voxel (absolute units).\n"
+              f"# The frames were simulated with U={instrument.U:g} V={instrument.V:g} W={instrument.W:g} "
+              f"X={instrument.X:g} (deg^2, deg) before the detector's pixel broadening.\n")
     storage.write_bytes(storage.join(out, "phases", "cell18650.yaml"),
                         (header + yaml.safe_dump(lib, sort_keys=False)).encode())
 
