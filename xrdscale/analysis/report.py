@@ -145,7 +145,17 @@ def _dataset_section(doc: _Doc, e: DatasetEntry, maps: xr.Dataset, *, centre, pi
     if not spec:
         doc.p("No ROI table: no ROIs given and the maps lack NCA/Al for the default cathode ROIs.", "note")
         return pd.DataFrame()
-    table = roi_table({e.id: maps}, build_rois(maps, spec))
+    roi_set = build_rois(maps, spec)
+    if rois_spec is None:
+        # The default ROIs are a guess about the cell; one that finds no pixel is reported, not fatal.
+        counts = roi_set.sum(("y", "x")).values
+        empty = [str(r) for r, n in zip(roi_set["roi"].values, counts) if n == 0]
+        if empty:
+            doc.p(f"Default ROI(s) {', '.join(empty)} hold no pixel in {e.id} and are left out of its table.", "note")
+            roi_set = roi_set.isel(roi=np.flatnonzero(counts > 0))
+        if roi_set.sizes["roi"] == 0:
+            return pd.DataFrame()
+    table = roi_table({e.id: maps}, roi_set)
     doc.table(table, f"{e.id}: per-ROI mean ± std over pixels and mean ensemble std")
     return table
 
