@@ -9,17 +9,13 @@ from typing import Optional
 
 import typer
 
+from xrdscale.cluster import worker_environ
 from xrdscale.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
 
 
-#: Worker environment of the local clusters started here. Dask's default
-#: ``MALLOC_TRIM_THRESHOLD_=65536`` also fixes glibc's mmap threshold, so every large
-#: temporary (pyFAI allocates tens of MB per Pilatus 2M frame) is mmapped and page-faulted
-#: anew on each call, which halved pyFAI's frame rate inside workers; large buffers come from
-#: the heap instead and stay there (the working set per worker is fixed, see benchmarks/).
-WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 2**28, "MALLOC_TRIM_THRESHOLD_": 2**29}
+
 
 
 @contextlib.contextmanager
@@ -38,10 +34,7 @@ def dask_client(workers: int | None, scheduler: str | None) -> Iterator:
         return
     if workers < 1:
         raise ConfigError(f"--workers {workers}: expected at least 1")
-    import dask
-
-    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_MALLOC_ENV}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}), \
+    with worker_environ(), \
             LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
             Client(cluster) as client:
         yield client

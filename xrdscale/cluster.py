@@ -135,6 +135,24 @@ def _cuda_available() -> bool:
         return False
 
 
+#: Worker environment of the local clusters xrdscale starts. Dask's default
+#: ``MALLOC_TRIM_THRESHOLD_=65536`` also fixes glibc's mmap threshold, so every large
+#: temporary (pyFAI allocates tens of MB per Pilatus 2M frame) is mmapped and page-faulted
+#: anew on each call, which halved pyFAI's frame rate inside workers; large buffers come from
+#: the heap instead and stay there (the working set per worker is fixed, see benchmarks/).
+WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 2**28, "MALLOC_TRIM_THRESHOLD_": 2**29}
+
+
+@contextlib.contextmanager
+def worker_environ() -> Iterator[None]:
+    """Dask config under which new local worker processes get :data:`WORKER_MALLOC_ENV`."""
+    import dask
+
+    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_MALLOC_ENV}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+        yield
+
+
 def _local_cluster(spec: Any) -> Any:
     from distributed import LocalCluster
 
@@ -154,7 +172,8 @@ def _local_cluster(spec: Any) -> Any:
             return LocalCUDACluster(threads_per_worker=spec.threads_per_worker,
                                     dashboard_address=kwargs["dashboard_address"], silence_logs=logging.ERROR)
         logger.info("cluster.gpu is true but no CUDA device is present: using a CPU LocalCluster")
-    return LocalCluster(**kwargs)
+    with worker_environ():
+        return LocalCluster(**kwargs)
 
 
 def _kube_cluster(spec: Any) -> Any:
