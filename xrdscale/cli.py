@@ -43,6 +43,8 @@ def _root(
     logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
                         handlers=[RichHandler(console=err_console, show_path=False)], force=True)
     logging.getLogger("xrdscale").setLevel(min(level, logging.INFO))
+    # pyFAI's silx probes for OpenCL on import and warns when it is absent: not our user's problem.
+    logging.getLogger("silx.opencl.common").setLevel(logging.ERROR)
 
 
 def _register() -> None:
