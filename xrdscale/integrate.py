@@ -376,13 +376,8 @@ def write_dataset(ds: xr.Dataset, url: str, *, stage: str, config: dict, client=
     On a user error the partial store is removed and the error re-raised; a store is
     only ever marked complete after all of its chunks are written.
     """
-    storage.begin_store(url)
-    ds = ds.copy()
-    ds.attrs.update(storage.provenance(stage, config))
-    opts = storage.storage_options(url) or None
     try:
-        with storage.io_errors(url, f"write the {stage} store"):
-            delayed = ds.to_zarr(url, mode="w", compute=False, consolidated=True, storage_options=opts)
+        delayed = storage.create_store(ds, url, stage=stage, config=config, compute=False)
         _compute(delayed, client, progress)
     except XrdscaleError:
         _discard(url)

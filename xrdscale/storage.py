@@ -184,6 +184,31 @@ def provenance(stage: str, config: Mapping[str, Any] | None = None, **extra: Any
     return attrs
 
 
+def create_store(ds: xr.Dataset, url: str, *, stage: str, config: Mapping[str, Any] | None = None,
+                 encoding: Mapping[str, Any] | None = None, compute: bool = True) -> Any:
+    """Write ``ds`` with provenance attrs as a new zarr store at ``url``, *without* its marker.
+
+    Any previous content is removed first. With ``compute=False`` only the metadata and the
+    in-memory variables are written and the dask-backed ones are returned as a delayed
+    write (for region-wise or progress-tracked computation); call :func:`mark_complete`
+    once everything is written.
+
+    Returns
+    -------
+    dask.delayed.Delayed or ZarrStore
+        What :meth:`xarray.Dataset.to_zarr` returns.
+    """
+    begin_store(url)
+    ds = _portable_strings(ds.copy())
+    ds.attrs.update(provenance(stage, config))
+    with io_errors(url, f"write the {stage} store"), warnings.catch_warnings():
+        # Consolidated metadata is not (yet) in the zarr v3 spec, but zarr-python and xarray
+        # support it and it saves one request per array on object stores.
+        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
+        return ds.to_zarr(url, mode="w", compute=compute, encoding=dict(encoding or {}),
+                          storage_options=storage_options(url) or None, consolidated=True)
+
+
 def write_store(ds: xr.Dataset, url: str, *, stage: str, config: Mapping[str, Any] | None = None,
                 encoding: Mapping[str, Any] | None = None, marker: Mapping[str, Any] | None = None) -> str:
     """Write ``ds`` as a complete zarr store at ``url``.
@@ -212,15 +237,7 @@ def write_store(ds: xr.Dataset, url: str, *, stage: str, config: Mapping[str, An
     str
         ``url``.
     """
-    begin_store(url)
-    ds = _portable_strings(ds.copy())
-    ds.attrs.update(provenance(stage, config))
-    with io_errors(url, f"write the {stage} store"), warnings.catch_warnings():
-        # Consolidated metadata is not (yet) in the zarr v3 spec, but zarr-python and xarray
-        # support it and it saves one request per array on object stores.
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        ds.to_zarr(url, mode="w", encoding=dict(encoding or {}), storage_options=storage_options(url) or None,
-                   consolidated=True)
+    create_store(ds, url, stage=stage, config=config, encoding=encoding)
     mark_complete(url, {"stage": stage, **(marker or {})})
     logger.info("wrote %s store %s", stage, redact(url))
     return url

@@ -21,7 +21,6 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
-import warnings
 from dataclasses import dataclass
 
 import dask.array as da
@@ -283,7 +282,6 @@ def _layout(f: h5py.File, plan: ScanPlan, monitor: np.ndarray, shape: tuple[int,
 
 def _begin_truth(phantom: xr.Dataset, url: str, plan: ScanPlan, q: np.ndarray, vox: float, config: dict) -> None:
     """Write the truth store's maps and an empty ``projection`` (filled row by row, marker last)."""
-    storage.begin_store(url)
     n_a, n_t = plan.line_angles.size, plan.translations.size
     ds = phantom.copy()
     ds["projection"] = (("angle", "translation", "q"),
@@ -292,14 +290,9 @@ def _begin_truth(phantom: xr.Dataset, url: str, plan: ScanPlan, q: np.ndarray, v
     ds["angle"].attrs["units"] = "deg"
     ds["translation"].attrs["units"] = "mm"
     ds["q"].attrs["units"] = "1/angstrom"
-    ds.attrs.update(storage.provenance("truth", config))
     ds.attrs.update({"center_offset_mm": plan.axis_mm, "center_offset_steps": plan.axis_mm / vox,
                      "projection_units": "line integral in voxel-length units"})
-    with storage.io_errors(url, "write the truth store"), warnings.catch_warnings():
-        # Consolidated metadata (not yet in the zarr v3 spec) on purpose, as storage.write_store does.
-        warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        ds.to_zarr(url, mode="w", compute=False, consolidated=True,
-                   storage_options=storage.storage_options(url) or None)
+    storage.create_store(ds, url, stage="truth", config=config, compute=False)
 
 
 def _write_truth_row(url: str, index: int, row: np.ndarray) -> None:
