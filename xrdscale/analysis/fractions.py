@@ -136,7 +136,8 @@ def _mass_factor(maps: xr.DataArray, objs: Mapping[str, object], names: Sequence
         lat0 = xr.DataArray([objs[n].lattice.get(key, 1.0) for n in names], dims="phase", coords={"phase": ph})
         lat = maps[key].sel(phase=list(names))
         valid = np.isfinite(lat) & (lat > 0) & (n_k != 0)
-        k = k * xr.where(valid, (lat / lat0) ** n_k, 1.0)
+        lat = lat.where(valid, lat0)  # invalid lattice values leave k unchanged (and raise no warnings)
+        k = k * (lat / lat0) ** n_k
         if f"{key}_std" in maps.data_vars:
             std = maps[f"{key}_std"].sel(phase=list(names))
             rel_var = rel_var + xr.where(valid & np.isfinite(std), (n_k * std / lat) ** 2, 0.0)
