@@ -21,7 +21,7 @@ import numpy as np
 from scipy import optimize
 
 from xrdscale.exceptions import InputError
-from xrdscale.simulate.phases import AmorphousPeak, Phase
+from xrdscale.simulate.phases import AmorphousPeak, Phase, cell_volume
 
 logger = logging.getLogger(__name__)
 
@@ -300,8 +300,7 @@ def _add_crystalline(out: np.ndarray, q: np.ndarray, tth_q: np.ndarray, jac: np.
     nominal = phase.lattice
     lat = {k: np.broadcast_to(np.asarray(p.get(k, nominal[k]), dtype=float), (n,)) for k in phase.lattice_keys}
     qk = table.q(lat["a"], lat.get("c"))                                        # (n, K)
-    a, c = lat["a"], lat.get("c", lat["a"])
-    vol = {"cubic": a**3, "tetragonal": a * a * c}.get(phase.system, np.sqrt(3.0) / 2.0 * a * a * c)
+    vol = cell_volume(phase.system, lat["a"], lat.get("c"))
     scale = np.broadcast_to(np.asarray(p.get("scale", 1.0), dtype=float), (n,))
     theta = np.arcsin(np.clip(qk * lam / (4 * np.pi), 0, 1))                     # (n, K)
     lp = (1 + np.cos(2 * theta) ** 2) / (np.sin(theta) ** 2 * np.cos(theta))

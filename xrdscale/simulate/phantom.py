@@ -292,7 +292,7 @@ def _domain_params(rng: np.random.Generator, voltage: float) -> dict[str, dict[s
 
 def _weight_fractions(scale: np.ndarray, lattice: dict[str, np.ndarray]) -> np.ndarray:
     """Mass fractions among the crystalline phases: volume fraction × density, normalised (separator NaN)."""
-    from xrdscale.simulate.phases import builtin_phase
+    from xrdscale.simulate.phases import builtin_phase, cell_volume
 
     mass = np.zeros_like(scale, dtype=np.float64)
     for i, phase in enumerate(PHASES):
@@ -303,17 +303,9 @@ def _weight_fractions(scale: np.ndarray, lattice: dict[str, np.ndarray]) -> np.n
         if not present.any():
             continue
         kw = {k: lattice[k][i][present].astype(float) for k in ph.lattice_keys}
-        rho = ph.density() * ph.volume() / _cell_volume(ph.system, kw)   # g/cm³ at each voxel's lattice
+        rho = ph.density() * ph.volume() / cell_volume(ph.system, kw["a"], kw.get("c"))  # g/cm³ at each voxel's lattice
         mass[i][present] = scale[i][present] * rho
     total = mass.sum(axis=0)
     wf = np.where(total > 0, mass / np.where(total > 0, total, 1), np.nan)
     wf[PHASES.index("separator")] = np.nan
     return wf.astype(np.float32)
-
-
-def _cell_volume(system: str, lat: dict[str, np.ndarray]) -> np.ndarray:
-    a = lat["a"]
-    c = lat.get("c", a)
-    if system == "cubic":
-        return a**3
-    return np.sqrt(3.0) / 2.0 * a * a * c

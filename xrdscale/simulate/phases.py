@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import math
 import os
 from dataclasses import dataclass, field
 from importlib import resources
@@ -226,12 +225,7 @@ class Phase:
     def volume(self, **lattice: float) -> float:
         """Unit-cell volume [Å³] for the given (or the structure's) lattice."""
         lat = self._lattice(lattice)
-        a, c = lat["a"], lat.get("c", lat["a"])
-        if self.system == "cubic":
-            return a**3
-        if self.system == "tetragonal":
-            return a * a * c
-        return math.sqrt(3.0) / 2.0 * a * a * c
+        return float(cell_volume(self.system, lat["a"], lat.get("c")))
 
     # -- composition ----------------------------------------------------------------
     @property
@@ -347,6 +341,17 @@ def _peak_table(phase: Phase, wavelength: float, q_max: float) -> PeakTable:
     rep = hkl[first] if len(hkl) else np.zeros((0, 3), dtype=int)
     logger.debug("%s: %d reflections in %d groups up to q=%.2f", phase.name, len(hkl), len(uniq), q_max)
     return PeakTable(phase.system, rep.astype(int), counts.astype(float), f2m)
+
+
+def cell_volume(system: str, a: np.ndarray | float, c: np.ndarray | float | None = None) -> np.ndarray:
+    """Unit-cell volume [Å³] of a crystal system for (arrays of) lattice parameters ``a`` and ``c``."""
+    a = np.asarray(a, dtype=float)
+    c = a if c is None else np.asarray(c, dtype=float)
+    if system == "cubic":
+        return a**3
+    if system == "tetragonal":
+        return a * a * c
+    return np.sqrt(3.0) / 2.0 * a * a * c  # hexagonal axes (trigonal phases in their hexagonal setting)
 
 
 def builtin_cif(name: str) -> str:
