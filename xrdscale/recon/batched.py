@@ -9,14 +9,21 @@ sparse × dense products in torch (MKL on CPU, cuSPARSE on GPU):
 - SIRT: ``x ← x + C Wᵀ R (p − W x)`` with ``R``/``C`` the inverse row/column sums, as
   ASTRA's SIRT does.
 
-Memory bound. ``W`` has about ``2 N² A`` non-zeros (3.2 × 10⁸ at 637 px × 400 angles).
-It is built in blocks of angles (ASTRA's matrix of one block at a time, converted to
-float32 values and int32 indices at once, 8 bytes per non-zero), so the build never
-holds more than one block in float64. The blocks of ``Wᵀ`` (and of ``W`` for SIRT) are
-kept in memory when they fit in ``memory_budget`` bytes (default: a quarter of the Dask
-worker's memory limit, or of the machine's available memory outside a worker), and
-otherwise spilled to ``.npy`` files in a temporary folder and memory-mapped back one
-block at a time, so a worker holds at most one block of the operator at once.
+Speed. The rows of ``Wᵀ`` (pixels) are ordered tile by tile (:func:`tile_order`) and
+``Wᵀ`` is cut into pieces of :data:`PIXEL_BLOCK` pixels × a block of angles, each piece
+added into its slice of the output in place. Both keep the detector bins that
+consecutive rows read in cache: at 637 px × 400 angles one channel takes ~20 ms on one
+core, against ~70 ms for one CSR product in row-major pixel order.
+
+Memory bound. ``W`` has about ``2 N² A`` non-zeros (2.8 × 10⁸ at 637 px × 400 angles,
+8 bytes each in float32 values and int32 indices: 2.2 GB). It is built from ASTRA in
+blocks of about :data:`BLOCK_NNZ` non-zeros (a few angles, one block in float64 at a
+time), and each block is cut into its pieces at once, so the build holds the operator
+plus one block. The pieces are kept in memory when the operator fits in
+``memory_budget`` bytes (default: a quarter of the Dask worker's memory limit, or of
+the machine's available memory outside a worker); otherwise they are written to
+``.npy`` files in a temporary folder and memory-mapped back one piece at a time, so a
+worker holds at most one block of the build and one piece of the product.
 """
 
 from __future__ import annotations
@@ -35,6 +42,7 @@ import astra
 import numpy as np
 import psutil
 import torch
+from scipy import sparse
 
 from xrdscale.recon.filters import filter_sinograms
 from xrdscale.recon.geometry import Geometry
@@ -43,6 +51,12 @@ logger = logging.getLogger(__name__)
 
 #: target number of non-zeros per operator block (≈ 160 MB in float32 + int32)
 BLOCK_NNZ = 20_000_000
+
+#: pixels per block of ``Wᵀ``'s rows (32 tiles of 32 × 32)
+PIXEL_BLOCK = 32_768
+
+#: side of the pixel tiles that order the rows of ``Wᵀ`` (see :func:`tile_order`)
+TILE = 32
 
 
 def estimate_nnz(geometry: Geometry) -> int:
@@ -68,20 +82,30 @@ def default_budget() -> int:
     return int(psutil.virtual_memory().available) // 4
 
 
+def tile_order(n: int, tile: int = TILE) -> np.ndarray:
+    """Row-major pixel indices of an ``n × n`` image listed tile by tile.
+
+    Back projection reads, for every pixel, one or two detector bins per angle; pixels
+    of one ``tile × tile`` square read neighbouring bins, so walking the image tile by tile
+    keeps the bins a pixel needs in cache (2.4× faster than row-major order at 637 px).
+    """
+    yy, xx = np.divmod(np.arange(n * n), n)
+    return np.lexsort((xx % tile, yy % tile, xx // tile, yy // tile))
+
+
 @dataclasses.dataclass
 class _Block:
-    """One block of angles: rows ``start:stop`` of ``W``; CSR tensors in memory or ``.npy`` paths."""
+    """One block of the operator: a CSR tensor in memory, or ``.npy`` paths when spilled."""
 
-    start: int
+    start: int  # first ray of the block's angles (rows of ``W``, columns of ``Wᵀ``)
     stop: int
-    parts: dict[str, object]  # name -> torch sparse CSR tensor, or {part: path} when spilled
+    part: object  # torch sparse CSR tensor, or {array name: path}
 
-    def tensor(self, name: str, device: str) -> torch.Tensor:
-        """The block as a torch sparse CSR tensor on ``device`` (``name``: ``bt`` or ``w``)."""
-        part = self.parts[name]
-        if isinstance(part, torch.Tensor):
-            return part
-        return _csr_tensor({k: np.load(path, mmap_mode="r") for k, path in part.items()}, device)
+    def tensor(self, device: str) -> torch.Tensor:
+        """The block as a torch sparse CSR tensor on ``device``."""
+        if isinstance(self.part, torch.Tensor):
+            return self.part
+        return _csr_tensor({k: np.load(path, mmap_mode="r") for k, path in self.part.items()}, device)
 
 
 def _csr_tensor(arrays: dict[str, np.ndarray], device: str) -> torch.Tensor:
@@ -94,62 +118,89 @@ def _csr_tensor(arrays: dict[str, np.ndarray], device: str) -> torch.Tensor:
 
 
 class Operator:
-    """The projection operator of one geometry, in blocks of angles (see module docs)."""
+    """The projection operator of one geometry (see module docs).
 
-    def __init__(self, geometry: Geometry, *, sirt: bool, spill: bool, device: str) -> None:
+    ``Wᵀ`` is held as a grid of pieces, blocks of pixels (rows in :func:`tile_order`) ×
+    blocks of angles; ``W`` (SIRT only) in blocks of angles with its pixel columns in the
+    same order. Images inside the operator are ``(pixel in tile order, channel)``.
+    """
+
+    def __init__(self, geometry: Geometry, *, sirt: bool, spill: bool, device: str,
+                 block_nnz: int | None = None, pixel_block: int | None = None) -> None:
         self.geometry = geometry
         self.device = device
+        self.sirt = sirt
         self.spill_dir = None
         if spill:
             self.spill_dir = tempfile.mkdtemp(prefix="xrdscale-operator-")
             weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
             logger.info("operator of ~%.2f GB exceeds the memory budget: spilling its blocks to %s",
                         operator_bytes(geometry, sirt=sirt) / 1e9, self.spill_dir)
-        per_angle = max(1, estimate_nnz(geometry) // geometry.n_angles)
-        step = max(1, BLOCK_NNZ // per_angle)
-        n_pix = geometry.n_det * geometry.n_det
-        self.blocks: list[_Block] = []
-        self.row_sum = np.zeros(geometry.n_angles * geometry.n_det, dtype=np.float32)
+        n, n_angles = geometry.n_det, geometry.n_angles
+        n_pix = n * n
+        self.order = tile_order(n)
+        inverse = np.empty_like(self.order)
+        inverse[self.order] = np.arange(n_pix)
+        step = max(1, n_angles * (block_nnz or BLOCK_NNZ) // estimate_nnz(geometry))
+        edges = np.r_[np.arange(0, n_pix, pixel_block or PIXEL_BLOCK), n_pix]
+        self.pixel_ranges = [(int(lo), int(hi)) for lo, hi in zip(edges[:-1], edges[1:])]
+        self.row_sum = np.zeros(n_angles * n, dtype=np.float32)
         self.col_sum = np.zeros(n_pix, dtype=np.float32)
         self.nnz = 0
-        for start in range(0, geometry.n_angles, step):
-            stop = min(geometry.n_angles, start + step)
+        self.forward_blocks: list[_Block] = []
+        self.back_pieces: list[list[_Block]] = [[] for _ in self.pixel_ranges]
+        for start in range(0, n_angles, step):
+            stop = min(n_angles, start + step)
             w = _astra_matrix(geometry.subset(np.arange(start, stop)))
             self.nnz += w.nnz
-            rows = slice(start * geometry.n_det, stop * geometry.n_det)
-            self.row_sum[rows] = np.asarray(w.sum(axis=1)).ravel()
-            self.col_sum += np.asarray(w.sum(axis=0)).ravel()
-            mats = {"bt": w.T.tocsr()}
-            if sirt:
-                mats["w"] = w
-            parts = {name: self._store(start, name, {
-                "indptr": m.indptr.astype(np.int32), "indices": m.indices.astype(np.int32),
-                "data": m.data.astype(np.float32), "shape": np.asarray(m.shape, dtype=np.int64)})
-                for name, m in mats.items()}
-            self.blocks.append(_Block(start, stop, parts))
-            del w, mats
-        self.sirt = sirt
+            self.row_sum[start * n:stop * n] = np.asarray(w.sum(axis=1)).ravel()
+            self.col_sum += np.asarray(w.sum(axis=0)).ravel()[self.order]
+            if sirt:  # columns renumbered to tile order
+                fw = sparse.csr_matrix((w.data.copy(), inverse[w.indices], w.indptr.copy()), shape=w.shape)
+                fw.sort_indices()
+                self.forward_blocks.append(_Block(start * n, stop * n, self._store(f"w_{start}", fw)))
+                del fw
+            bt = w.T.tocsr()[self.order]
+            del w
+            for k, (lo, hi) in enumerate(self.pixel_ranges):
+                self.back_pieces[k].append(_Block(start * n, stop * n, self._store(f"bt_{k}_{start}", bt[lo:hi])))
+            del bt
 
-    def _store(self, start: int, name: str, arrays: dict[str, np.ndarray]) -> object:
-        if self.spill_dir is None:
-            return _csr_tensor(arrays, self.device)
+    def _save(self, name: str, arrays: dict[str, np.ndarray]) -> dict[str, str]:
         paths = {}
         for k, v in arrays.items():
-            paths[k] = os.path.join(self.spill_dir, f"{name}_{start}_{k}.npy")
+            paths[k] = os.path.join(self.spill_dir, f"{name}_{k}.npy")
             np.save(paths[k], v)
         return paths
 
+    def _store(self, name: str, m: sparse.csr_matrix) -> object:
+        """``m`` in float32/int32: a torch CSR tensor in memory, or its arrays' paths when spilling."""
+        arrays = {"indptr": m.indptr.astype(np.int32), "indices": m.indices.astype(np.int32),
+                  "data": m.data.astype(np.float32), "shape": np.asarray(m.shape, dtype=np.int64)}
+        if self.spill_dir is not None:
+            return self._save(name, arrays)
+        return _csr_tensor(arrays, self.device)
+
     def back(self, rows: torch.Tensor) -> torch.Tensor:
-        """``Wᵀ · rows``: ``(angle*det, channel)`` → ``(pixel, channel)``."""
-        n_det = self.geometry.n_det
-        out = torch.zeros((n_det * n_det, rows.shape[1]), dtype=rows.dtype, device=rows.device)
-        for b in self.blocks:
-            out += b.tensor("bt", self.device) @ rows[b.start * n_det:b.stop * n_det]
+        """``Wᵀ · rows``: ``(angle*det, channel)`` → ``(pixel in tile order, channel)``."""
+        out = torch.empty((self.geometry.n_det ** 2, rows.shape[1]), dtype=rows.dtype, device=rows.device)
+        for (lo, hi), pieces in zip(self.pixel_ranges, self.back_pieces):
+            part = out[lo:hi]
+            part.zero_()
+            for piece in pieces:  # a few angles at a time: their bins stay in cache
+                part.addmm_(piece.tensor(self.device), rows[piece.start:piece.stop])
         return out
 
     def forward(self, image: torch.Tensor) -> torch.Tensor:
-        """``W · image``: ``(pixel, channel)`` → ``(angle*det, channel)``."""
-        return torch.cat([b.tensor("w", self.device) @ image for b in self.blocks])
+        """``W · image``: ``(pixel in tile order, channel)`` → ``(angle*det, channel)``."""
+        return torch.cat([b.tensor(self.device) @ image for b in self.forward_blocks])
+
+    def to_image(self, flat: torch.Tensor) -> np.ndarray:
+        """``(pixel in tile order, channel)`` → ``(y, x, channel)`` with y ascending, as numpy."""
+        n = self.geometry.n_det
+        image = torch.empty_like(flat)
+        image[torch.as_tensor(self.order, device=flat.device)] = flat
+        return image.reshape(n, n, -1).flip(0).cpu().numpy()
 
 
 def _astra_matrix(geometry: Geometry):
@@ -205,7 +256,7 @@ class BatchedEngine:
         op = self.operator(geometry)
         p = torch.as_tensor(np.ascontiguousarray(sino, dtype=np.float32), device=self.device)
         filtered = filter_sinograms(p, filter_name).reshape(-1, p.shape[2])
-        return self._image(geometry, op.back(filtered))
+        return op.to_image(op.back(filtered))
 
     def sirt(self, geometry: Geometry, sino: np.ndarray, iterations: int) -> np.ndarray:
         """SIRT of every channel of ``sino``, ``iterations`` iterations from zero."""
@@ -217,12 +268,7 @@ class BatchedEngine:
         x = torch.zeros((geometry.n_det ** 2, p.shape[1]), dtype=p.dtype, device=self.device)
         for _ in range(iterations):
             x += inv_col * op.back(inv_row * (p - op.forward(x)))
-        return self._image(geometry, x)
-
-    @staticmethod
-    def _image(geometry: Geometry, flat: torch.Tensor) -> np.ndarray:
-        n = geometry.n_det
-        return flat.reshape(n, n, -1).flip(0).cpu().numpy()
+        return op.to_image(x)
 
 
 def _safe_inverse(values: np.ndarray) -> np.ndarray:
