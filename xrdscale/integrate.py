@@ -124,14 +124,22 @@ def _build_integrator(spec: IntegratorSpec, thread: int):
             mask |= det_mask.astype(bool)
         if spec.mask_url is not None:
             mask |= _load_mask(spec.mask_url, spec.frame_shape)
+        # The combined mask becomes this integrator's detector mask: pyFAI then takes it as
+        # known instead of checksumming (and, for medfilt1d_ng, re-combining) a user mask
+        # on every frame, which cost ~9 % of a trimmed-mean frame.
+        ai.detector.mask = mask.astype(np.int8)
         # one call on an empty frame builds and caches the geometry arrays and the engine
-        integrate_frame(ai, np.zeros(spec.frame_shape, dtype=np.float32), mask, spec, 1.0)
+        integrate_frame(ai, np.zeros(spec.frame_shape, dtype=np.float32), spec, 1.0)
     logger.debug("built integrator for %s on pid %d", spec.method, os.getpid())
     return ai, mask
 
 
-def integrate_frame(ai, frame: np.ndarray, mask: np.ndarray, spec: IntegratorSpec, monitor: float):
-    """Integrate one frame with pyFAI exactly as the stage does; returns pyFAI's result object."""
+def integrate_frame(ai, frame: np.ndarray, spec: IntegratorSpec, monitor: float, mask: np.ndarray | None = None):
+    """Integrate one frame with pyFAI exactly as the stage does; returns pyFAI's result object.
+
+    ``mask`` (True = masked) defaults to the integrator's detector mask, which
+    :func:`integrator` sets to the combined detector and user mask.
+    """
     common = dict(unit=UNIT, radial_range=spec.q_range, mask=mask, polarization_factor=spec.polarization_factor,
                   correctSolidAngle=True, normalization_factor=float(monitor))
     if spec.method == "trimmed_mean":
@@ -161,14 +169,14 @@ def _check_frame(frame: np.ndarray, mask: np.ndarray, source: rawframes.RawSourc
 
 def _integrate_block(index: np.ndarray, monitor: np.ndarray, *, source: rawframes.RawSource,
                      spec: IntegratorSpec) -> np.ndarray:
-    ai, mask = integrator(spec)
     out = np.empty((index.size, spec.npt), dtype=np.float32)
     if index.size == 0:
         return out
+    ai, mask = integrator(spec)
     start = int(index[0])
     for i, frame in rawframes.read_frames(source, start, start + index.size):
         _check_frame(frame, mask, source, i)
-        res = integrate_frame(ai, frame, mask, spec, monitor[i - start])
+        res = integrate_frame(ai, frame, spec, monitor[i - start])
         if not np.any(res.count > 0):
             raise InputError(f"{source.name}: frame {i} has no valid pixel in q range {spec.q_range} (every pixel "
                              "is masked); check the mask, the q range and the frame")
@@ -285,6 +293,7 @@ def patterns_dataset(scan: rawframes.RawScan, spec: IntegratorSpec, *, frames_pe
     monitor = da.from_array(scan.monitor, chunks=frames_per_chunk, name="monitor-" + dask.base.tokenize(scan.monitor))
     intensity = da.map_blocks(_integrate_block, index, monitor, source=scan.source, spec=spec, new_axis=1,
                               chunks=(index.chunks[0], (spec.npt,)), dtype=np.float32,
+                              meta=np.empty((0, spec.npt), dtype=np.float32),  # no integrator on the driver
                               name="integrate-" + dask.base.tokenize(scan.source, spec, frames_per_chunk))
     return xr.Dataset(
         {"intensity": (("frame", "q"), intensity)},
