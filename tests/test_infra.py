@@ -191,3 +191,12 @@ def test_dockerfile_passes_hadolint():
         text = f.read()
     assert "FROM nvidia/cuda:" in text and "runtime" in text
     assert "\nUSER 10001" in text
+
+
+def test_dask_workers_get_the_malloc_environment_of_local_workers(built):
+    from xrdscale.cluster import WORKER_MALLOC_ENV
+
+    cluster = _by_kind(built, "DaskCluster")[0]
+    container = cluster["spec"]["worker"]["spec"]["containers"][0]
+    env = {e["name"]: e["value"] for e in container.get("env", [])}
+    assert env == {k: str(v) for k, v in WORKER_MALLOC_ENV.items()}
