@@ -89,8 +89,12 @@ def stage_on_cluster(url: str, out: str, workers: int, chunk: int) -> tuple[floa
     """Stage throughput (second run, operators warm) and per-worker peak RSS [GB]."""
     from distributed import Client, LocalCluster
 
-    with LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0",
-                      memory_limit=0, env={"OMP_NUM_THREADS": "1"}) as cluster, Client(cluster) as client:
+    from xrdscale.cluster import worker_environ
+
+    # the worker environment of the clusters xrdscale starts (campaign runner, --workers N)
+    with worker_environ(), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                        dashboard_address=":0", memory_limit=0, env={"OMP_NUM_THREADS": "1"}) as cluster, \
+            Client(cluster) as client:
         reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)  # warm
         t0 = time.perf_counter()
         reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)
