@@ -9,12 +9,20 @@ mean and the mean:
   (same options as xrdscale: q_A^-1, q range, polarisation, solid angle, I0);
 - xrdscale's ``integrate`` on the local cluster of ``xrdscale integrate --workers N`` (a
   distributed LocalCluster, threads_per_worker=1) with 1 and 2 workers, writing the
-  patterns store (workers have loaded pyFAI's engines on a 16x16 toy detector before the
-  clock starts, as the bare loop's process has; the Pilatus integrators are built inside
-  the timed run in both cases);
+  patterns store (before the clock starts, workers import h5py, hdf5plugin, pyFAI and
+  xrdscale's frame reader and load pyFAI's engines on a 16x16 toy detector, as the bare
+  loop's process has; the Pilatus integrators are built inside the timed run in both
+  cases);
 
-and prints frames/s of each and the ratios. Then prints the peak resident memory of each
-worker for two dataset lengths 4x apart (it must not grow with the length).
+and prints frames/s of each and the ratios, twice: per run (the whole run of N frames,
+fixed setup included) and steady state. Every configuration is timed on N and on about
+N/4 frames (n: whole chunks, as many per worker), each run from a fresh start; the steady
+rate is (N - n) / (t_N - t_n), the
+rate once the setup paid by every run (building a Pilatus integrator, ~1 s per worker
+process and per bare loop; the driver's geometry check and store creation) is behind it.
+A dataset of ~255,000 frames is all steady state: there the per-worker setup is ~0.001 %
+of the run. The setup itself is printed too. Then prints the peak resident memory of
+each worker for two dataset lengths 4x apart (it must not grow with the length).
 
     python benchmarks/integrate.py           # 384 (mean) / 96 (trimmed mean) frames, best of 2
     python benchmarks/integrate.py --quick   # 96 / 24 frames
@@ -64,8 +72,8 @@ def make_dataset(path: str, n: int, poni_path: str) -> None:
         h5[frames.TRANSLATION] = np.tile(np.arange(8) * 0.03, n // 8 + 1)[:n]
 
 
-def bare_rate(path: str, poni: str, method: str, threads: int) -> float:
-    """Frames per second of :func:`bare_loop` in a fresh process with ``threads`` OpenMP threads.
+def bare_seconds(path: str, poni: str, method: str, threads: int) -> float:
+    """Seconds of :func:`bare_loop` in a fresh process with ``threads`` OpenMP threads.
 
     pyFAI's integrators are OpenMP-parallel; Dask workers run with OMP_NUM_THREADS=1, so the
     bare loop that one worker is compared with gets one thread too (and the whole machine
@@ -84,7 +92,7 @@ def bare_rate(path: str, poni: str, method: str, threads: int) -> float:
 
 
 def bare_loop(path: str, poni: str, method: str) -> float:
-    """Frames per second of a plain h5py + pyFAI loop."""
+    """Seconds of a plain h5py + pyFAI loop over every frame of ``path``."""
     t0 = time.perf_counter()
     ai = pyFAI.load(poni)
     with h5py.File(path) as h5:
@@ -97,7 +105,7 @@ def bare_loop(path: str, poni: str, method: str) -> float:
                 ai.medfilt1d_ng(data[i], NPT, percentile=(10, 90), **kw)
             else:
                 ai.integrate1d(data[i], NPT, **kw)
-    return n / (time.perf_counter() - t0)
+    return time.perf_counter() - t0
 
 
 def _peak_rss_mb() -> float:
@@ -105,9 +113,13 @@ def _peak_rss_mb() -> float:
 
 
 def _warm() -> None:
-    """Load pyFAI's engines on a worker (a 16x16-pixel integration), as the bare loop's process already has."""
+    """Import what the bare loop's process imports before its clock starts (h5py, hdf5plugin,
+    pyFAI, xrdscale's frame reader) and load pyFAI's engines (a 16x16-pixel integration)."""
+    import h5py  # noqa: F401
+    import hdf5plugin  # noqa: F401
     from pyFAI.detectors import Detector
 
+    import xrdscale.frames  # noqa: F401
     import xrdscale.integrate  # noqa: F401
 
     ai = AzimuthalIntegrator(dist=0.1, detector=Detector(1e-4, 1e-4, max_shape=(16, 16)), wavelength=1e-11)
@@ -117,17 +129,41 @@ def _warm() -> None:
 
 
 def run_xrdscale(path: str, poni: str, method: str, workers: int, out: str, chunk: int) -> tuple[float, list[float]]:
-    """Frames per second of xrdscale on a fresh cluster, and each worker's peak RSS (MB)."""
+    """Seconds of xrdscale's ``integrate`` on a fresh cluster, and each worker's peak RSS (MB)."""
     with dask_client(workers, None) as client:  # the CLI's --workers N local cluster
-        with h5py.File(path) as h5:
-            n = h5[frames.DATA].shape[0]
         client.run(_warm)
         t0 = time.perf_counter()
         integrate(path, out, poni=poni, npt=NPT, q_range=Q_RANGE, method=method, frames_per_chunk=chunk,
                   client=client, progress=False)
-        rate = n / (time.perf_counter() - t0)
+        seconds = time.perf_counter() - t0
         peaks = list(client.run(_peak_rss_mb).values())
-    return rate, peaks
+    return seconds, peaks
+
+
+class Timing:
+    """Best (shortest) seconds of one configuration on the long and the short dataset."""
+
+    def __init__(self, n_long: int, n_short: int) -> None:
+        self.n_long, self.n_short = n_long, n_short
+        self.long = self.short = float("inf")
+
+    def add(self, long: float, short: float) -> None:
+        self.long, self.short = min(self.long, long), min(self.short, short)
+
+    @property
+    def per_run(self) -> float:
+        """Frames/s of the whole long run, setup included."""
+        return self.n_long / self.long
+
+    @property
+    def steady(self) -> float:
+        """Frames/s once the fixed setup is paid: the slope between the two lengths."""
+        return (self.n_long - self.n_short) / max(self.long - self.short, 1e-9)
+
+    @property
+    def setup(self) -> float:
+        """Seconds of fixed setup per run (the intercept)."""
+        return self.long - self.n_long / self.steady
 
 
 def main() -> None:
@@ -146,22 +182,38 @@ def main() -> None:
         print(f"# Pilatus 2M frames (1679x1475), npt={NPT}, cores={os.cpu_count()}, "
               f"load average {os.getloadavg()[0]:.1f}, best of {args.repeat}")
         cores = os.cpu_count() or 1
-        print(f"{'method':<13} {'frames':>6} {'bare1 fps':>9} {'bareN fps':>9} {'1w fps':>8} {'2w fps':>8} "
-              f"{'1w/bare1':>8} {'2w/bareN':>8} {'2w/1w':>6}")
+        header = (f"{'method':<13} {'rate':<9} {'frames':>6} {'bare1 fps':>9} {'bareN fps':>9} {'1w fps':>8} "
+                  f"{'2w fps':>8} {'1w/bare1':>8} {'2w/bareN':>8} {'2w/1w':>6}")
+        print(header)
         print("# bare1: the bare loop with one OpenMP thread (as one worker); bareN: with all cores")
+        print("# per run: N frames / seconds of the run; steady: (N - n) frames / (t_N - t_n), n a few chunks per worker")
         for method in ("mean", "trimmed_mean"):
-            raw = os.path.join(tmp, f"raw-{method}.nxs")
-            make_dataset(raw, n_frames[method], poni)
+            n_long = n_frames[method]
+            # whole chunks, as many on each of the 2 workers, so both lengths keep the workers equally busy
+            n_short = 2 * chunk * max(1, n_long // (8 * chunk))
+            raws = {}
+            for length in (n_long, n_short):
+                raws[length] = os.path.join(tmp, f"raw-{method}-{length}.nxs")
+                make_dataset(raws[length], length, poni)
+            runs = {
+                "bare1": lambda raw: bare_seconds(raw, poni, method, 1),
+                "bareN": lambda raw: bare_seconds(raw, poni, method, cores),
+                "1w": lambda raw: run_xrdscale(raw, poni, method, 1, out, chunk)[0],
+                "2w": lambda raw: run_xrdscale(raw, poni, method, 2, out, chunk)[0],
+            }
+            timings = {name: Timing(n_long, n_short) for name in runs}
             # interleaved repeats, best of each: the machine is shared, the best run is the least disturbed
-            bare1 = bare_n = one = two = 0.0
             for _ in range(args.repeat):
-                bare1 = max(bare1, bare_rate(raw, poni, method, 1))
-                bare_n = max(bare_n, bare_rate(raw, poni, method, cores))
-                one = max(one, run_xrdscale(raw, poni, method, 1, out, chunk)[0])
-                two = max(two, run_xrdscale(raw, poni, method, 2, out, chunk)[0])
-            print(f"{method:<13} {n_frames[method]:6d} {bare1:9.2f} {bare_n:9.2f} {one:8.2f} {two:8.2f} "
-                  f"{one / bare1:8.2f} {two / bare_n:8.2f} {two / one:6.2f}")
-            os.remove(raw)
+                for name, run in runs.items():
+                    timings[name].add(run(raws[n_long]), run(raws[n_short]))
+            for kind in ("per_run", "steady"):
+                r = {name: getattr(t, kind) for name, t in timings.items()}
+                label = "per run" if kind == "per_run" else "steady"
+                print(f"{method:<13} {label:<9} {n_long:6d} {r['bare1']:9.2f} {r['bareN']:9.2f} {r['1w']:8.2f} "
+                      f"{r['2w']:8.2f} {r['1w'] / r['bare1']:8.2f} {r['2w'] / r['bareN']:8.2f} {r['2w'] / r['1w']:6.2f}")
+            print(f"{method:<13} setup s   " + " ".join(f"{name} {t.setup:.2f}" for name, t in timings.items()))
+            for raw in raws.values():
+                os.remove(raw)
         print("# peak resident memory per worker (MB), mean method, 2 workers")
         for length in (n // 4, n):
             short = os.path.join(tmp, f"raw{length}.nxs")

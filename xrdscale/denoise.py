@@ -187,7 +187,7 @@ def denoise(sinogram_url: str, volume_url: str, out_url: str, *, config: N2IConf
     """
     config = config or N2IConfig()
     config.check()
-    intensity, geometry = open_sinogram(sinogram_url)
+    intensity, geometry = open_sinogram(sinogram_url, dask=False)
     volume = storage.open_store(volume_url, stage="volume")
     if volume["intensity"].shape != (geometry.n_det, geometry.n_det, intensity.sizes["q"]):
         raise InputError(f"volume {storage.redact(volume_url)} has shape {volume['intensity'].shape} but "

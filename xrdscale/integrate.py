@@ -30,6 +30,8 @@ from dataclasses import asdict, dataclass
 
 import dask
 import dask.array as da
+from dask.array.core import normalize_chunks
+from dask.highlevelgraph import HighLevelGraph
 import numpy as np
 import xarray as xr
 
@@ -172,14 +174,14 @@ def _check_frame(frame: np.ndarray, mask: np.ndarray, source: rawframes.RawSourc
                          "detector")
 
 
-def _integrate_block(index: np.ndarray, monitor: np.ndarray, *, source: rawframes.RawSource,
+def _integrate_block(start: int, monitor: np.ndarray, *, source: rawframes.RawSource,
                      spec: IntegratorSpec) -> np.ndarray:
-    out = np.empty((index.size, spec.npt), dtype=np.float32)
-    if index.size == 0:
+    """Integrate frames ``start`` to ``start + monitor.size - 1`` → ``(frames, npt)`` float32."""
+    out = np.empty((monitor.size, spec.npt), dtype=np.float32)
+    if monitor.size == 0:
         return out
     ai, mask = integrator(spec)
-    start = int(index[0])
-    for i, frame in rawframes.read_frames(source, start, start + index.size):
+    for i, frame in rawframes.read_frames(source, start, start + monitor.size):
         _check_frame(frame, mask, source, i)
         res = integrate_frame(ai, frame, spec, monitor[i - start])
         if not np.any(res.count > 0):
@@ -289,12 +291,18 @@ def patterns_dataset(scan: rawframes.RawScan, spec: IntegratorSpec, *, frames_pe
     if frames_per_chunk < 1:
         raise ConfigError(f"frames_per_chunk={frames_per_chunk}: expected a positive number")
     n = scan.source.n_frames
-    index = da.arange(n, chunks=frames_per_chunk, dtype=np.int64)
-    monitor = da.from_array(scan.monitor, chunks=frames_per_chunk, name="monitor-" + dask.base.tokenize(scan.monitor))
-    intensity = da.map_blocks(_integrate_block, index, monitor, source=scan.source, spec=spec, new_axis=1,
-                              chunks=(index.chunks[0], (spec.npt,)), dtype=np.float32,
-                              meta=np.empty((0, spec.npt), dtype=np.float32),  # no integrator on the driver
-                              name="integrate-" + dask.base.tokenize(scan.source, spec, frames_per_chunk))
+    sizes = normalize_chunks(frames_per_chunk, (n,))[0]
+    name = "integrate-" + dask.base.tokenize(scan.source, spec, scan.monitor, frames_per_chunk)
+    block = functools.partial(_integrate_block, source=scan.source, spec=spec)
+    # One task per chunk of frames, with no dependencies: its first frame and its monitor
+    # values are literals of the task. (Index and monitor as dask arrays made two tiny root
+    # tasks per chunk, and the worker idled a scheduler round trip before every chunk.)
+    starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
+    graph = {(name, i, 0): (block, int(start), scan.monitor[start:start + size])
+             for i, (start, size) in enumerate(zip(starts, sizes))}
+    intensity = da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name,
+                         chunks=(sizes, (spec.npt,)), dtype=np.float32,
+                         meta=np.empty((0, spec.npt), dtype=np.float32))  # no integrator on the driver
     return xr.Dataset(
         {"intensity": (("frame", "q"), intensity)},
         coords={"frame": np.arange(n), "q": q_centres(spec), "angle": ("frame", scan.angle),

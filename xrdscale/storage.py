@@ -257,7 +257,8 @@ def begin_store(url: str) -> None:
         clear(url)
 
 
-def open_store(url: str, *, require_complete: bool = True, stage: str | None = None) -> xr.Dataset:
+def open_store(url: str, *, require_complete: bool = True, stage: str | None = None,
+               dask: bool = True) -> xr.Dataset:
     """Open the zarr store at ``url`` lazily (dask-backed).
 
     Parameters
@@ -268,6 +269,10 @@ def open_store(url: str, *, require_complete: bool = True, stage: str | None = N
         Refuse stores without a completion marker (default).
     stage : str, optional
         Expected stage name; a store of another stage is refused.
+    dask : bool
+        Dask arrays of the stored chunks (default). ``False``: lazily indexed arrays that
+        read on access; ``.chunk(...)`` then makes one read task per chunk asked for, which
+        spares a graph of one task per stored chunk plus a rechunk.
 
     Raises
     ------
@@ -286,7 +291,8 @@ def open_store(url: str, *, require_complete: bool = True, stage: str | None = N
             "interrupted or failed; run it again"
         )
     with io_errors(url, "open the store"):
-        ds = xr.open_zarr(url, storage_options=storage_options(url) or None, consolidated=None)
+        ds = xr.open_zarr(url, storage_options=storage_options(url) or None, consolidated=None,
+                          **({} if dask else {"chunks": None}))
     if stage is not None and ds.attrs.get("stage") != stage:
         raise InputError(
             f"{redact(url)} is a {ds.attrs.get('stage', 'unknown')!r} store, expected a {stage!r} store"
