@@ -14,14 +14,14 @@ mean and the mean:
   loop's process has; the Pilatus integrators are built inside the timed run in both
   cases);
 
-and prints frames/s of each and the ratios, twice: per run (the whole run of N frames,
-fixed setup included) and steady state. Every configuration is timed on N and on about
-N/4 frames (n: whole chunks, as many per worker), each run from a fresh start; the steady
-rate is (N - n) / (t_N - t_n), the
-rate once the setup paid by every run (building a Pilatus integrator, ~1 s per worker
-process and per bare loop; the driver's geometry check and store creation) is behind it.
-A dataset of ~255,000 frames is all steady state: there the per-worker setup is ~0.001 %
-of the run. The setup itself is printed too. Then prints the peak resident memory of
+and prints frames/s of each and the ratios, twice. Per run: a first run of N frames from a
+fresh start (new process or cluster), fixed setup included — building a Pilatus
+integrator (~1 s per worker process and per bare loop), the driver's geometry check,
+store creation. Steady: each configuration then runs n (about N/4: whole chunks, as many
+per worker) and N frames again, warm, and the rate is (N - n) / (t_N - t_n): the
+per-frame throughput with every fixed cost cancelled. A dataset of ~255,000 frames is
+steady state: there the setup is ~0.001 % of the run. The setup (first run minus the
+warm run of the same frames) is printed too. Then prints the peak resident memory of
 each worker for two dataset lengths 4x apart (it must not grow with the length).
 
     python benchmarks/integrate.py           # 384 (mean) / 96 (trimmed mean) frames, best of 2
@@ -72,8 +72,8 @@ def make_dataset(path: str, n: int, poni_path: str) -> None:
         h5[frames.TRANSLATION] = np.tile(np.arange(8) * 0.03, n // 8 + 1)[:n]
 
 
-def bare_seconds(path: str, poni: str, method: str, threads: int) -> float:
-    """Seconds of :func:`bare_loop` in a fresh process with ``threads`` OpenMP threads.
+def bare_series(paths: tuple[str, str], poni: str, method: str, threads: int) -> tuple[float, float, float]:
+    """:func:`bare_series_here` in a fresh process with ``threads`` OpenMP threads.
 
     pyFAI's integrators are OpenMP-parallel; Dask workers run with OMP_NUM_THREADS=1, so the
     bare loop that one worker is compared with gets one thread too (and the whole machine
@@ -83,7 +83,7 @@ def bare_seconds(path: str, poni: str, method: str, threads: int) -> float:
     os.environ["OMP_NUM_THREADS"] = str(threads)
     try:
         with multiprocessing.get_context("spawn").Pool(1) as pool:
-            return pool.apply(bare_loop, (path, poni, method))
+            return pool.apply(bare_series_here, (paths, poni, method))
     finally:
         if saved is None:
             os.environ.pop("OMP_NUM_THREADS", None)
@@ -91,10 +91,22 @@ def bare_seconds(path: str, poni: str, method: str, threads: int) -> float:
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def bare_loop(path: str, poni: str, method: str) -> float:
-    """Seconds of a plain h5py + pyFAI loop over every frame of ``path``."""
+def bare_series_here(paths: tuple[str, str], poni: str, method: str) -> tuple[float, float, float]:
+    """Seconds of the bare loop: the long dataset from scratch, then short and long again, warm."""
+    first, ai = bare_loop(paths[0], poni, method)
+    short, _ = bare_loop(paths[1], poni, method, ai)
+    long, _ = bare_loop(paths[0], poni, method, ai)
+    return first, short, long
+
+
+def bare_loop(path: str, poni: str, method: str, ai=None):
+    """Seconds of a plain h5py + pyFAI loop over every frame of ``path`` (and its integrator).
+
+    Without ``ai`` the integrator is loaded from the PONI inside the timed loop, and its
+    first frame builds pyFAI's engine, as a user's script would.
+    """
     t0 = time.perf_counter()
-    ai = pyFAI.load(poni)
+    ai = ai or pyFAI.load(poni)
     with h5py.File(path) as h5:
         data, monitor = h5[frames.DATA], h5[frames.MONITOR][()]
         n = data.shape[0]
@@ -105,7 +117,7 @@ def bare_loop(path: str, poni: str, method: str) -> float:
                 ai.medfilt1d_ng(data[i], NPT, percentile=(10, 90), **kw)
             else:
                 ai.integrate1d(data[i], NPT, **kw)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, ai
 
 
 def _peak_rss_mb() -> float:
@@ -128,42 +140,47 @@ def _warm() -> None:
     ai.medfilt1d_ng(img, 8, unit="q_A^-1", percentile=(10, 90))
 
 
-def run_xrdscale(path: str, poni: str, method: str, workers: int, out: str, chunk: int) -> tuple[float, list[float]]:
-    """Seconds of xrdscale's ``integrate`` on a fresh cluster, and each worker's peak RSS (MB)."""
+def xrdscale_series(paths: tuple[str, ...], poni: str, method: str, workers: int, out: str,
+                    chunk: int) -> tuple[list[float], list[float]]:
+    """Seconds of ``integrate`` on each of ``paths`` in turn, on one fresh cluster (the first
+    run builds the workers' integrators, later ones reuse them), and each worker's peak RSS (MB)."""
+    seconds = []
     with dask_client(workers, None) as client:  # the CLI's --workers N local cluster
         client.run(_warm)
-        t0 = time.perf_counter()
-        integrate(path, out, poni=poni, npt=NPT, q_range=Q_RANGE, method=method, frames_per_chunk=chunk,
-                  client=client, progress=False)
-        seconds = time.perf_counter() - t0
+        for path in paths:
+            t0 = time.perf_counter()
+            integrate(path, out, poni=poni, npt=NPT, q_range=Q_RANGE, method=method, frames_per_chunk=chunk,
+                      client=client, progress=False)
+            seconds.append(time.perf_counter() - t0)
         peaks = list(client.run(_peak_rss_mb).values())
     return seconds, peaks
 
 
 class Timing:
-    """Best (shortest) seconds of one configuration on the long and the short dataset."""
+    """Best (shortest) seconds of one configuration: a first run of the long dataset from a
+    fresh start, then the short and the long dataset again, warm."""
 
     def __init__(self, n_long: int, n_short: int) -> None:
         self.n_long, self.n_short = n_long, n_short
-        self.long = self.short = float("inf")
+        self.first = self.short = self.long = float("inf")
 
-    def add(self, long: float, short: float) -> None:
-        self.long, self.short = min(self.long, long), min(self.short, short)
+    def add(self, first: float, short: float, long: float) -> None:
+        self.first, self.short, self.long = min(self.first, first), min(self.short, short), min(self.long, long)
 
     @property
     def per_run(self) -> float:
-        """Frames/s of the whole long run, setup included."""
-        return self.n_long / self.long
+        """Frames/s of the first run of the long dataset, setup included."""
+        return self.n_long / self.first
 
     @property
     def steady(self) -> float:
-        """Frames/s once the fixed setup is paid: the slope between the two lengths."""
+        """Frames/s once warm: the slope between the two warm lengths (fixed per-run costs cancel)."""
         return (self.n_long - self.n_short) / max(self.long - self.short, 1e-9)
 
     @property
     def setup(self) -> float:
-        """Seconds of fixed setup per run (the intercept)."""
-        return self.long - self.n_long / self.steady
+        """Seconds the first run spends on one-off setup (integrator build, imports, worker start-up)."""
+        return self.first - self.long
 
 
 def main() -> None:
@@ -172,7 +189,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=2, help="interleaved repeats; the best of each is printed")
     args = parser.parse_args()
     n = 24 if args.quick else 96
-    chunk = 4 if args.quick else 8
+    chunk = 4 if args.quick else 16  # frames per task (the CLI default is 64; smaller keeps every worker busy in short runs)
     # the mean is ~10x faster per frame: give it 4x the frames so fixed costs (geometry check,
     # store creation, scheduling) weigh about as much as for the trimmed mean
     n_frames = {"mean": 4 * n, "trimmed_mean": n}
@@ -186,7 +203,8 @@ def main() -> None:
                   f"{'2w fps':>8} {'1w/bare1':>8} {'2w/bareN':>8} {'2w/1w':>6}")
         print(header)
         print("# bare1: the bare loop with one OpenMP thread (as one worker); bareN: with all cores")
-        print("# per run: N frames / seconds of the run; steady: (N - n) frames / (t_N - t_n), n a few chunks per worker")
+        print("# per run: N frames / seconds of a first run; steady: (N - n) frames / (t_N - t_n) of warm runs, "
+              "n a few chunks per worker; setup: first run - warm run")
         for method in ("mean", "trimmed_mean"):
             n_long = n_frames[method]
             # whole chunks, as many on each of the 2 workers, so both lengths keep the workers equally busy
@@ -195,17 +213,18 @@ def main() -> None:
             for length in (n_long, n_short):
                 raws[length] = os.path.join(tmp, f"raw-{method}-{length}.nxs")
                 make_dataset(raws[length], length, poni)
+            series = (raws[n_long], raws[n_short], raws[n_long])
             runs = {
-                "bare1": lambda raw: bare_seconds(raw, poni, method, 1),
-                "bareN": lambda raw: bare_seconds(raw, poni, method, cores),
-                "1w": lambda raw: run_xrdscale(raw, poni, method, 1, out, chunk)[0],
-                "2w": lambda raw: run_xrdscale(raw, poni, method, 2, out, chunk)[0],
+                "bare1": lambda: bare_series(series[:2], poni, method, 1),
+                "bareN": lambda: bare_series(series[:2], poni, method, cores),
+                "1w": lambda: xrdscale_series(series, poni, method, 1, out, chunk)[0],
+                "2w": lambda: xrdscale_series(series, poni, method, 2, out, chunk)[0],
             }
             timings = {name: Timing(n_long, n_short) for name in runs}
             # interleaved repeats, best of each: the machine is shared, the best run is the least disturbed
             for _ in range(args.repeat):
                 for name, run in runs.items():
-                    timings[name].add(run(raws[n_long]), run(raws[n_short]))
+                    timings[name].add(*run())
             for kind in ("per_run", "steady"):
                 r = {name: getattr(t, kind) for name, t in timings.items()}
                 label = "per run" if kind == "per_run" else "steady"
@@ -218,7 +237,7 @@ def main() -> None:
         for length in (n // 4, n):
             short = os.path.join(tmp, f"raw{length}.nxs")
             make_dataset(short, length, poni)
-            _, peaks = run_xrdscale(short, poni, "mean", 2, out, chunk)
+            _, peaks = xrdscale_series((short,), poni, "mean", 2, out, chunk)
             print(f"frames={length:<5d} " + " ".join(f"{p:8.0f}" for p in peaks))
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
