@@ -72,7 +72,7 @@ def make_dataset(path: str, n: int, poni_path: str) -> None:
         h5[frames.TRANSLATION] = np.tile(np.arange(8) * 0.03, n // 8 + 1)[:n]
 
 
-def bare_series(paths: tuple[str, str], poni: str, method: str, threads: int) -> tuple[float, float, float]:
+def bare_series(paths: tuple[str, ...], poni: str, method: str, threads: int) -> list[float]:
     """:func:`bare_series_here` in a fresh process with ``threads`` OpenMP threads.
 
     pyFAI's integrators are OpenMP-parallel; Dask workers run with OMP_NUM_THREADS=1, so the
@@ -91,12 +91,11 @@ def bare_series(paths: tuple[str, str], poni: str, method: str, threads: int) ->
             os.environ["OMP_NUM_THREADS"] = saved
 
 
-def bare_series_here(paths: tuple[str, str], poni: str, method: str) -> tuple[float, float, float]:
-    """Seconds of the bare loop: the long dataset from scratch, then short and long again, warm."""
+def bare_series_here(paths: tuple[str, ...], poni: str, method: str) -> list[float]:
+    """Seconds of the bare loop on each of ``paths`` in turn: the first from scratch, the
+    others with the integrator it built (as :func:`xrdscale_series` reuses the workers')."""
     first, ai = bare_loop(paths[0], poni, method)
-    short, _ = bare_loop(paths[1], poni, method, ai)
-    long, _ = bare_loop(paths[0], poni, method, ai)
-    return first, short, long
+    return [first] + [bare_loop(path, poni, method, ai)[0] for path in paths[1:]]
 
 
 def bare_loop(path: str, poni: str, method: str, ai=None):
@@ -215,8 +214,8 @@ def main() -> None:
                 make_dataset(raws[length], length, poni)
             series = (raws[n_long], raws[n_short], raws[n_long])
             runs = {
-                "bare1": lambda: bare_series(series[:2], poni, method, 1),
-                "bareN": lambda: bare_series(series[:2], poni, method, cores),
+                "bare1": lambda: bare_series(series, poni, method, 1),
+                "bareN": lambda: bare_series(series, poni, method, cores),
                 "1w": lambda: xrdscale_series(series, poni, method, 1, out, chunk)[0],
                 "2w": lambda: xrdscale_series(series, poni, method, 2, out, chunk)[0],
             }
