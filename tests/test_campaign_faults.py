@@ -94,16 +94,22 @@ def test_sigkill_ray_actor_mid_inference(tmp_path, dask_client):
         store = open_job_store(run_spec)
         runner = Runner(Plan(run_spec, _ray_stages()), store, ray=handle, retry_delay=0.1)
         out = {}
+        # actors of the reference run may still be exiting: only an actor this run started is a target
+        before = set(_actor_pids())
         t = threading.Thread(target=lambda: out.setdefault("r", runner.run()))
         t.start()
         t0 = time.time()
         killed = []
         while t.is_alive() and time.time() - t0 < 120 and not killed:
-            pids = _actor_pids()
+            pids = [p for p in _actor_pids() if p not in before]
             running = any(r.stage == "analyse" and r.status == "running" for r in store.runs(run_spec.campaign))
             if pids and running:
                 time.sleep(0.3)
-                os.kill(pids[0], signal.SIGKILL)
+                try:
+                    os.kill(pids[0], signal.SIGKILL)
+                except ProcessLookupError:  # it exited on its own in the meantime: look again
+                    before.add(pids[0])
+                    continue
                 still = any(r.stage == "analyse" and r.status == "running" for r in store.runs(run_spec.campaign))
                 killed.append((pids[0], still))
             time.sleep(0.05)
