@@ -4,9 +4,10 @@ Runs, on the same ellipse-phantom sinograms (every channel a scaled, noisy copy)
 
 1. a bare per-channel ASTRA CPU FBP loop (one projector, ``FBP`` per channel);
 2. xrdscale's ``astra`` engine and ``batched`` engine (operator build timed apart);
-3. the whole ``reconstruct`` stage (zarr in, zarr out) on a Dask LocalCluster with 1 and
-   2 single-threaded worker processes (best of 3 runs), and the peak memory of a worker for
-   two channel counts.
+3. the whole ``reconstruct`` stage (zarr in, zarr out) on two Dask LocalClusters, of 1 and
+   of 2 single-threaded worker processes, started side by side and run alternately (4 runs
+   each, so both see the same load of the machine), and the peak memory of a worker for two
+   channel counts.
 
 Prints channels/s for each (best of 2) and the ratios. Everything runs with one thread per process
 (OMP_NUM_THREADS=1), so ratios are per core. ``--quick``: the small size only.
@@ -19,6 +20,7 @@ import os
 os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 import argparse  # noqa: E402
+import contextlib  # noqa: E402
 import resource  # noqa: E402
 import shutil  # noqa: E402
 import tempfile  # noqa: E402
@@ -31,7 +33,7 @@ import xarray as xr  # noqa: E402
 
 from xrdscale import storage  # noqa: E402
 from xrdscale.recon.astra_engine import AstraEngine  # noqa: E402
-from xrdscale.recon.batched import BatchedEngine  # noqa: E402
+from xrdscale.recon.batched import BatchedEngine, clear_operators  # noqa: E402
 from xrdscale.recon.geometry import Geometry  # noqa: E402
 from xrdscale.recon.phantoms import default_ellipses, ellipse_sinogram  # noqa: E402
 from xrdscale.reconstruct import reconstruct  # noqa: E402
@@ -85,25 +87,51 @@ def write_sino_store(url: str, geometry: Geometry, sino: np.ndarray) -> str:
     return storage.write_store(ds, url, stage="sinogram", config={"benchmark": True})
 
 
-def stage_on_cluster(url: str, out: str, workers: int, chunk: int, repeat: int = 3) -> tuple[float, list[float]]:
-    """Stage seconds (best of ``repeat`` runs, after a warm-up that builds the operators) and
-    per-worker peak RSS [GB]."""
+def _cluster(stack: contextlib.ExitStack, workers: int):
+    """A client of a fresh LocalCluster of single-threaded worker processes, closed with ``stack``."""
     from distributed import Client, LocalCluster
 
     from xrdscale.cluster import worker_environ
 
     # the worker environment of the clusters xrdscale starts (campaign runner, --workers N)
-    with worker_environ(), LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
-                                        dashboard_address=":0", memory_limit=0, env={"OMP_NUM_THREADS": "1"}) as cluster, \
-            Client(cluster) as client:
-        reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)  # warm
-        seconds = np.inf
+    stack.enter_context(worker_environ())
+    cluster = stack.enter_context(LocalCluster(n_workers=workers, threads_per_worker=1, processes=True,
+                                               dashboard_address=":0", memory_limit=0,
+                                               env={"OMP_NUM_THREADS": "1"}))
+    return stack.enter_context(Client(cluster))
+
+
+def _peaks(client) -> list[float]:
+    """Peak RSS [GB] of each worker of ``client``."""
+    return list(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6).values())
+
+
+def stage_pairs(url: str, out: str, chunk: int, repeat: int = 4) -> dict[int, tuple[list[float], list[float]]]:
+    """Stage seconds of every run on 1 and on 2 workers, and per-worker peak RSS [GB].
+
+    Both clusters are started and warmed (operators built) first; then the runs alternate
+    1 worker, 2 workers, ``repeat`` times, so that both see the same load of this shared
+    machine (an idle cluster costs nothing measurable).
+    """
+    with contextlib.ExitStack() as stack:
+        clients = {w: _cluster(stack, w) for w in (1, 2)}
+        for client in clients.values():
+            reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)  # warm
+        times: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(repeat):
-            t0 = time.perf_counter()
-            reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)
-            seconds = min(seconds, time.perf_counter() - t0)
-        peaks = client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6)
-    return seconds, list(peaks.values())
+            for w, client in clients.items():
+                t0 = time.perf_counter()
+                reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)
+                times[w].append(time.perf_counter() - t0)
+        return {w: (times[w], _peaks(client)) for w, client in clients.items()}
+
+
+def peak_rss_one_worker(url: str, out: str, chunk: int) -> float:
+    """Peak RSS [GB] of a single worker that reconstructed ``url`` once."""
+    with contextlib.ExitStack() as stack:
+        client = _cluster(stack, 1)
+        reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)
+        return _peaks(client)[0]
 
 
 def run_size(n: int, a: int, c: int, bare_channels: int, chunk: int, tmp: str) -> None:
@@ -131,18 +159,19 @@ def run_size(n: int, a: int, c: int, bare_channels: int, chunk: int, tmp: str) -
           f"  (rel. RMSE vs ASTRA {err:.2e}; chunks of {chunk})")
     print(f"batched operator build   : {build:9.2f} s one-off, {op.nnz:.3g} non-zeros, "
           f"{op.nnz * 8 / 1e9:.2f} GB (float32 + int32)")
+    del eng, op, batched  # the stage's workers build their own: free this process's copy
+    clear_operators()
     url = write_sino_store(os.path.join(tmp, f"sino{n}.zarr"), geometry, sino)
-    results = {}
-    for workers in (1, 2):
-        seconds, peaks = stage_on_cluster(url, os.path.join(tmp, f"vol{n}.zarr"), workers, chunk)
-        results[workers] = c / seconds
-        print(f"stage, {workers} worker(s)     : {c / seconds:9.2f} channels/s  (zarr in → volume store out, best of 3; "
-              f"peak RSS per worker {', '.join(f'{p:.2f}' for p in peaks)} GB)")
-    print(f"2 workers / 1 worker     : {results[2] / results[1]:5.2f}×")
+    runs = stage_pairs(url, os.path.join(tmp, f"vol{n}.zarr"), chunk)
+    for workers, (seconds, peaks) in runs.items():
+        print(f"stage, {workers} worker(s)     : {c / min(seconds):9.2f} channels/s  (zarr in → volume store out, best of "
+              f"{len(seconds)}; peak RSS per worker {', '.join(f'{p:.2f}' for p in peaks)} GB)")
+    pairs = [one / two for one, two in zip(runs[1][0], runs[2][0])]
+    print(f"2 workers / 1 worker     : {min(runs[1][0]) / min(runs[2][0]):5.2f}× (best runs); run by run "
+          f"{', '.join(f'{r:.2f}' for r in pairs)}")
     half = write_sino_store(os.path.join(tmp, f"half{n}.zarr"), geometry, sino[:, :, : c // 2].copy())
     for label, u in ((c // 2, half), (c, url)):
-        _, peaks = stage_on_cluster(u, os.path.join(tmp, f"mem{n}.zarr"), 1, chunk, repeat=1)
-        print(f"peak RSS, 1 worker, {label:4d} channels: {peaks[0]:.2f} GB")
+        print(f"peak RSS, 1 worker, {label:4d} channels: {peak_rss_one_worker(u, os.path.join(tmp, f'mem{n}.zarr'), chunk):.2f} GB")
 
 
 def main() -> None:

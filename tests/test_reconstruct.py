@@ -186,6 +186,19 @@ def test_operator_spilled_to_disk_gives_the_same_result():
     np.testing.assert_allclose(spilled, in_memory, rtol=1e-6, atol=1e-6)
 
 
+def test_operators_are_built_once_per_process_until_cleared():
+    from xrdscale.recon.batched import BatchedEngine, clear_operators
+
+    g = Geometry(tuple(np.linspace(0, 180, 20, endpoint=False)), 16)
+    engine = BatchedEngine("cpu")
+    first = engine.operator(g)
+    assert BatchedEngine("cpu").operator(g) is first
+    clear_operators()
+    again = engine.operator(g)
+    assert again is not first
+    assert again.nnz == first.nnz
+
+
 @pytest.mark.parametrize("spill", [False, True])
 def test_operator_in_many_blocks_equals_astra_matrix(spill):
     """Pieces of tile-ordered pixels × angles give W and Wᵀ exactly, in memory and spilled."""

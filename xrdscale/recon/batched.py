@@ -231,6 +231,12 @@ def cached_operator(geometry: Geometry, sirt: bool, spill: bool, device: str) ->
         return _build_operator(geometry, sirt, spill, device)
 
 
+def clear_operators() -> None:
+    """Forget the operators :func:`cached_operator` built in this process (frees their memory)."""
+    with _BUILD_LOCK:
+        _build_operator.cache_clear()
+
+
 class BatchedEngine:
     """Sparse-operator reconstruction of a whole chunk of channels at once."""
 
