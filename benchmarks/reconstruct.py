@@ -6,7 +6,9 @@ Runs, on the same ellipse-phantom sinograms (every channel a scaled, noisy copy)
 2. xrdscale's ``astra`` engine and ``batched`` engine (operator build timed apart);
 3. the whole ``reconstruct`` stage (zarr in, zarr out) on two Dask LocalClusters, of 1 and
    of 2 single-threaded worker processes, started side by side and run alternately (4 runs
-   each, so both see the same load of the machine), and the peak memory of a worker for two
+   each, so both see the same load of the machine); once with the workers free to use any
+   core, once with each worker's threads (task thread and zarr's I/O pool) on a core of its
+   own, as in a deployment of one core per worker; and the peak memory of a worker for two
    channel counts.
 
 Prints channels/s for each (best of 2) and the ratios. Everything runs with one thread per process
@@ -106,16 +108,40 @@ def _peaks(client) -> list[float]:
     return list(client.run(lambda: resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1e6).values())
 
 
-def stage_pairs(url: str, out: str, chunk: int, repeat: int = 4) -> dict[int, tuple[list[float], list[float]]]:
+def _pin_to_own_core(client) -> dict[str, int]:
+    """Confine every thread of each worker of ``client`` to a core of its own (worker k → k-th core).
+
+    A worker's threads include zarr's I/O and codec pool besides the task thread; unpinned,
+    a single worker borrows an idle core for them, which a deployment of one core per worker
+    (a Kubernetes pod with ``cpu: 1``) does not give it. Threads started later inherit this.
+    """
+    cores = sorted(os.sched_getaffinity(0))
+    names = sorted(info["name"] for info in client.scheduler_info()["workers"].values())
+    core_of = {name: cores[k % len(cores)] for k, name in enumerate(names)}
+
+    def pin(dask_worker) -> int:
+        core = core_of[dask_worker.name]
+        for tid in os.listdir("/proc/self/task"):
+            os.sched_setaffinity(int(tid), {core})
+        return core
+
+    return client.run(pin)
+
+
+def stage_pairs(url: str, out: str, chunk: int, repeat: int = 4,
+                pin: bool = False) -> dict[int, tuple[list[float], list[float]]]:
     """Stage seconds of every run on 1 and on 2 workers, and per-worker peak RSS [GB].
 
     Both clusters are started and warmed (operators built) first; then the runs alternate
     1 worker, 2 workers, ``repeat`` times, so that both see the same load of this shared
-    machine (an idle cluster costs nothing measurable).
+    machine (an idle cluster costs nothing measurable). ``pin``: each worker on a core of its
+    own (:func:`_pin_to_own_core`); the driver and scheduler are never pinned.
     """
     with contextlib.ExitStack() as stack:
         clients = {w: _cluster(stack, w) for w in (1, 2)}
         for client in clients.values():
+            if pin:
+                _pin_to_own_core(client)
             reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)  # warm
         times: dict[int, list[float]] = {1: [], 2: []}
         for _ in range(repeat):
@@ -123,6 +149,12 @@ def stage_pairs(url: str, out: str, chunk: int, repeat: int = 4) -> dict[int, tu
                 t0 = time.perf_counter()
                 reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)
                 times[w].append(time.perf_counter() - t0)
+        if pin:  # a worker the nanny restarted meanwhile would run unpinned: say so
+            for w, client in clients.items():
+                free = [a for a, n in client.run(lambda: len(os.sched_getaffinity(0))).items() if n != 1]
+                if free:
+                    print(f"warning: {len(free)} worker(s) of the {w}-worker cluster lost their core "
+                          "(restarted during the runs); these numbers are not one core per worker")
         return {w: (times[w], _peaks(client)) for w, client in clients.items()}
 
 
@@ -162,13 +194,15 @@ def run_size(n: int, a: int, c: int, bare_channels: int, chunk: int, tmp: str) -
     del eng, op, batched  # the stage's workers build their own: free this process's copy
     clear_operators()
     url = write_sino_store(os.path.join(tmp, f"sino{n}.zarr"), geometry, sino)
-    runs = stage_pairs(url, os.path.join(tmp, f"vol{n}.zarr"), chunk)
-    for workers, (seconds, peaks) in runs.items():
-        print(f"stage, {workers} worker(s)     : {c / min(seconds):9.2f} channels/s  (zarr in → volume store out, best of "
-              f"{len(seconds)}; peak RSS per worker {', '.join(f'{p:.2f}' for p in peaks)} GB)")
-    pairs = [one / two for one, two in zip(runs[1][0], runs[2][0])]
-    print(f"2 workers / 1 worker     : {min(runs[1][0]) / min(runs[2][0]):5.2f}× (best runs); run by run "
-          f"{', '.join(f'{r:.2f}' for r in pairs)}")
+    for pin in (False, True):
+        label = "one core per worker" if pin else "workers unpinned"
+        runs = stage_pairs(url, os.path.join(tmp, f"vol{n}.zarr"), chunk, pin=pin)
+        for workers, (seconds, peaks) in runs.items():
+            print(f"stage, {workers} worker(s)     : {c / min(seconds):9.2f} channels/s  ({label}; zarr in → volume "
+                  f"store out, best of {len(seconds)}; peak RSS per worker {', '.join(f'{p:.2f}' for p in peaks)} GB)")
+        pairs = [one / two for one, two in zip(runs[1][0], runs[2][0])]
+        print(f"2 workers / 1 worker     : {min(runs[1][0]) / min(runs[2][0]):5.2f}× ({label}, best runs); run by run "
+              f"{', '.join(f'{r:.2f}' for r in pairs)}")
     half = write_sino_store(os.path.join(tmp, f"half{n}.zarr"), geometry, sino[:, :, : c // 2].copy())
     for label, u in ((c // 2, half), (c, url)):
         print(f"peak RSS, 1 worker, {label:4d} channels: {peak_rss_one_worker(u, os.path.join(tmp, f'mem{n}.zarr'), chunk):.2f} GB")
