@@ -6,8 +6,8 @@ Runs, on the same ellipse-phantom sinograms (every channel a scaled, noisy copy)
 2. xrdscale's ``astra`` engine and ``batched`` engine (operator build timed apart);
 3. the whole ``reconstruct`` stage (zarr in, zarr out) on two Dask LocalClusters, of 1 and
    of 2 single-threaded worker processes, started side by side and run alternately (4 runs
-   each, so both see the same load of the machine); once with the workers free to use any
-   core, once with each worker's threads (task thread and zarr's I/O pool) on a core of its
+   each, so both see the same load of the machine); first with the workers free to use any
+   core, then with each worker's threads (task thread and zarr's I/O pool) on a core of its
    own, as in a deployment of one core per worker; and the peak memory of a worker for two
    channel counts.
 
@@ -128,34 +128,39 @@ def _pin_to_own_core(client) -> dict[str, int]:
     return client.run(pin)
 
 
-def stage_pairs(url: str, out: str, chunk: int, repeat: int = 4,
-                pin: bool = False) -> dict[int, tuple[list[float], list[float]]]:
-    """Stage seconds of every run on 1 and on 2 workers, and per-worker peak RSS [GB].
+def stage_pairs(url: str, out: str, chunk: int,
+                repeat: int = 4) -> dict[bool, dict[int, tuple[list[float], list[float]]]]:
+    """Stage seconds of every run on 1 and on 2 workers, and per-worker peak RSS [GB], unpinned and pinned.
 
-    Both clusters are started and warmed (operators built) first; then the runs alternate
+    Both clusters are started and warmed (operators built) once; then the runs alternate
     1 worker, 2 workers, ``repeat`` times, so that both see the same load of this shared
-    machine (an idle cluster costs nothing measurable). ``pin``: each worker on a core of its
-    own (:func:`_pin_to_own_core`); the driver and scheduler are never pinned.
+    machine (an idle cluster costs nothing measurable): first with the workers free to use
+    any core, then (key ``True``) with each worker on a core of its own
+    (:func:`_pin_to_own_core`); the driver and scheduler are never pinned.
     """
+    results = {}
     with contextlib.ExitStack() as stack:
         clients = {w: _cluster(stack, w) for w in (1, 2)}
         for client in clients.values():
-            if pin:
-                _pin_to_own_core(client)
             reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)  # warm
-        times: dict[int, list[float]] = {1: [], 2: []}
-        for _ in range(repeat):
-            for w, client in clients.items():
-                t0 = time.perf_counter()
-                reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)
-                times[w].append(time.perf_counter() - t0)
-        if pin:  # a worker the nanny restarted meanwhile would run unpinned: say so
-            for w, client in clients.items():
-                free = [a for a, n in client.run(lambda: len(os.sched_getaffinity(0))).items() if n != 1]
-                if free:
-                    print(f"warning: {len(free)} worker(s) of the {w}-worker cluster lost their core "
-                          "(restarted during the runs); these numbers are not one core per worker")
-        return {w: (times[w], _peaks(client)) for w, client in clients.items()}
+        for pin in (False, True):
+            if pin:
+                for client in clients.values():
+                    _pin_to_own_core(client)
+            times: dict[int, list[float]] = {1: [], 2: []}
+            for _ in range(repeat):
+                for w, client in clients.items():
+                    t0 = time.perf_counter()
+                    reconstruct(url, out, engine="batched", channels_per_chunk=chunk, client=client)
+                    times[w].append(time.perf_counter() - t0)
+            if pin:  # a worker the nanny restarted meanwhile would run unpinned: say so
+                for w, client in clients.items():
+                    free = [a for a, n in client.run(lambda: len(os.sched_getaffinity(0))).items() if n != 1]
+                    if free:
+                        print(f"warning: {len(free)} worker(s) of the {w}-worker cluster lost their core "
+                              "(restarted during the runs); these numbers are not one core per worker")
+            results[pin] = {w: (times[w], _peaks(client)) for w, client in clients.items()}
+    return results
 
 
 def peak_rss_one_worker(url: str, out: str, chunk: int) -> float:
@@ -194,9 +199,8 @@ def run_size(n: int, a: int, c: int, bare_channels: int, chunk: int, tmp: str) -
     del eng, op, batched  # the stage's workers build their own: free this process's copy
     clear_operators()
     url = write_sino_store(os.path.join(tmp, f"sino{n}.zarr"), geometry, sino)
-    for pin in (False, True):
+    for pin, runs in stage_pairs(url, os.path.join(tmp, f"vol{n}.zarr"), chunk).items():
         label = "one core per worker" if pin else "workers unpinned"
-        runs = stage_pairs(url, os.path.join(tmp, f"vol{n}.zarr"), chunk, pin=pin)
         for workers, (seconds, peaks) in runs.items():
             print(f"stage, {workers} worker(s)     : {c / min(seconds):9.2f} channels/s  ({label}; zarr in → volume "
                   f"store out, best of {len(seconds)}; peak RSS per worker {', '.join(f'{p:.2f}' for p in peaks)} GB)")
