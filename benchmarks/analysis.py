@@ -34,7 +34,7 @@ from xrdscale.analysis.fractions import weight_fractions  # noqa: E402
 from xrdscale.analysis.roi import build_rois, default_rois, roi_table  # noqa: E402
 from xrdscale.analysis.unroll import unroll  # noqa: E402
 from xrdscale.simulate.phantom import make_phantom  # noqa: E402
-from xrdscale.simulate.phases import builtin_phase  # noqa: E402
+from xrdscale.physics.crystal import builtin_phase  # noqa: E402
 
 
 def best_of(fn, repeat: int) -> float:

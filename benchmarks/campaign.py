@@ -34,7 +34,7 @@ def main() -> None:
     from xrdscale.campaign.runner import Plan, Runner, open_job_store
     from xrdscale.campaign.spec import load_spec
     from xrdscale.campaign.stages import StageCall
-    from xrdscale.cluster import connect
+    from xrdscale.runtime.cluster import connect
     from xrdscale.pqnet.library import make_library
     from xrdscale.pqnet.train import train_ensemble
     from xrdscale.simulate.beamtime import simulate_beamtime

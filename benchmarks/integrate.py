@@ -45,9 +45,9 @@ import pyFAI
 from pyFAI.detectors import detector_factory
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
-from xrdscale import frames
-from xrdscale.cli_integrate import dask_client
-from xrdscale.integrate import integrate
+from xrdscale.io import frames
+from xrdscale.cli.integrate import dask_client
+from xrdscale.stages.integrate import integrate
 
 NPT = 1000
 Q_RANGE = (0.5, 3.85)
@@ -130,8 +130,8 @@ def _warm() -> None:
     import hdf5plugin  # noqa: F401
     from pyFAI.detectors import Detector
 
-    import xrdscale.frames  # noqa: F401
-    import xrdscale.integrate  # noqa: F401
+    import xrdscale.io.frames  # noqa: F401
+    import xrdscale.stages.integrate  # noqa: F401
 
     ai = AzimuthalIntegrator(dist=0.1, detector=Detector(1e-4, 1e-4, max_shape=(16, 16)), wavelength=1e-11)
     img = np.ones((16, 16), dtype=np.int32)

@@ -24,7 +24,7 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import xarray as xr  # noqa: E402
 
-from xrdscale import storage  # noqa: E402
+from xrdscale.io import storage  # noqa: E402
 from xrdscale.pqnet import registry  # noqa: E402
 from xrdscale.pqnet.engine import export_onnx  # noqa: E402
 from xrdscale.pqnet.library import make_library  # noqa: E402
@@ -32,7 +32,7 @@ from xrdscale.pqnet.model import ModelSpec, PQNet, count_parameters  # noqa: E40
 from xrdscale.pqnet.predict import predict  # noqa: E402
 from xrdscale.pqnet.serve import ServerPool  # noqa: E402
 from xrdscale.pqnet.train import train_ensemble  # noqa: E402
-from xrdscale.simulate.phaselib import PhaseLibrary  # noqa: E402
+from xrdscale.physics.phaselib import PhaseLibrary  # noqa: E402
 
 LIBRARY = os.path.join(os.path.dirname(__file__), "..", "xrdscale", "data", "phases", "cell18650.yaml")
 BATCH = 1024

@@ -33,12 +33,12 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import xarray as xr  # noqa: E402
 
-from xrdscale import storage  # noqa: E402
+from xrdscale.io import storage  # noqa: E402
 from xrdscale.recon.astra_engine import AstraEngine  # noqa: E402
 from xrdscale.recon.batched import BatchedEngine, clear_operators  # noqa: E402
 from xrdscale.recon.geometry import Geometry  # noqa: E402
 from xrdscale.recon.phantoms import default_ellipses, ellipse_sinogram  # noqa: E402
-from xrdscale.reconstruct import reconstruct  # noqa: E402
+from xrdscale.stages.reconstruct import reconstruct  # noqa: E402
 
 
 def make_sinograms(n: int, a: int, c: int, seed: int = 0) -> tuple[Geometry, np.ndarray]:
@@ -93,7 +93,7 @@ def _cluster(stack: contextlib.ExitStack, workers: int):
     """A client of a fresh LocalCluster of single-threaded worker processes, closed with ``stack``."""
     from distributed import Client, LocalCluster
 
-    from xrdscale.cluster import worker_environ
+    from xrdscale.runtime.cluster import worker_environ
 
     # the worker environment of the clusters xrdscale starts (campaign runner, --workers N)
     stack.enter_context(worker_environ())

@@ -26,9 +26,9 @@ import hdf5plugin
 import numpy as np
 
 from xrdscale.simulate.beamtime import WAVELENGTH, make_detector
-from xrdscale.simulate.pattern import Instrument, simulate_patterns
+from xrdscale.physics.pattern import Instrument, simulate_patterns
 from xrdscale.simulate.phantom import make_phantom
-from xrdscale.simulate.phases import builtin_phase
+from xrdscale.physics.crystal import builtin_phase
 from xrdscale.simulate.scan import scan_phantom, simulation_grid
 
 

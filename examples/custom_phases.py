@@ -5,8 +5,8 @@ Run: python examples/custom_phases.py
 
 import numpy as np
 
-from xrdscale.fit import fit_pattern
-from xrdscale.simulate.phaselib import PhaseLibrary
+from xrdscale.stages.fit import fit_pattern
+from xrdscale.physics.phaselib import PhaseLibrary
 
 LIBRARY = """
 version: 1

@@ -1,6 +1,6 @@
 """Test doubles of the stage table for the runner tests (tests only; the shipped runner calls the real stages).
 
-Each double does real chunked Dask work on real zarr stores through xrdscale.storage, so
+Each double does real chunked Dask work on real zarr stores through xrdscale.io.storage, so
 the runner's skipping, retrying and resuming is tested against the same storage contract
 as the real stages; :func:`reference` computes the expected outputs with plain numpy.
 """
@@ -16,7 +16,7 @@ import numpy as np
 import xarray as xr
 import yaml
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.campaign.stages import MODEL, Stage
 
 N_FRAMES, NPT = 64, 16

@@ -7,11 +7,11 @@ import pytest
 import xraylib
 
 from test_reconstruct import write_sinogram
-from xrdscale import storage
-from xrdscale.absorption import correct_absorption, mass_attenuation, mu_from_fractions, transmission
+from xrdscale.io import storage
+from xrdscale.stages.absorption import correct_absorption, mass_attenuation, mu_from_fractions, transmission
 from xrdscale.exceptions import InputError
 from xrdscale.recon.geometry import Geometry
-from xrdscale.reconstruct import reconstruct
+from xrdscale.stages.reconstruct import reconstruct
 
 N, A, STEP = 64, 90, 0.03
 R = 24.0  # disk radius in pixels
@@ -96,7 +96,7 @@ def test_mu_from_fractions_matches_xraylib_compound():
 
 def test_builtin_phase_attenuation_is_physical():
     # NCA (LiNi0.8Co0.15Al0.05O2-like) attenuates less than Cu per mass at 95 keV, more than graphite
-    from xrdscale.absorption import phase_composition
+    from xrdscale.stages.absorption import phase_composition
 
     mu_rho = {p: mass_attenuation(phase_composition(p)[0], 95.0) for p in ("Cu", "NCA", "graphite")}
     assert mu_rho["graphite"] < mu_rho["NCA"] < mu_rho["Cu"]

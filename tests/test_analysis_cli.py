@@ -16,7 +16,7 @@ from typer.testing import CliRunner
 from test_analysis_regions import series_with_truth
 from test_analysis_roi import cathode_maps
 from test_analysis_unroll import spiral_maps
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.analysis.fractions import weight_fractions
 from xrdscale.cli import app
 from xrdscale.exceptions import InputError

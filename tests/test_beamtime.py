@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 import yaml
 
-from xrdscale import storage
+from xrdscale.io import storage
 
 CHECK = Path("/work/shared/tools/check_contracts.py")
 
@@ -23,7 +23,7 @@ def test_demo_beamtime_end_to_end(tmp_path):
     import pyFAI
     from pyFAI.calibrant import CALIBRANT_FACTORY
 
-    from xrdscale.simulate.phaselib import PhaseLibrary
+    from xrdscale.physics.phaselib import PhaseLibrary
 
     out = tmp_path / "bt"
     proc = cli("simulate", "beamtime", str(out), "--preset", "demo", "--seed", "3")

@@ -8,7 +8,7 @@ import pytest
 import yaml
 
 from xrdscale.campaign.spec import load_spec, validate_spec
-from xrdscale.demo import DEMO_PIPELINE, prepare
+from xrdscale.cli.demo import DEMO_PIPELINE, prepare
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 

@@ -21,11 +21,11 @@ import pytest
 import xarray as xr
 
 import campaign_doubles as doubles
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.campaign.runner import Plan, Runner, open_job_store
 from xrdscale.campaign.spec import load_spec
 from xrdscale.campaign.stages import Stage, default_stages
-from xrdscale.cluster import RayHandle
+from xrdscale.runtime.cluster import RayHandle
 
 Q = np.linspace(1.2, 2.8, 64)
 NPIX = 40

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 import campaign_doubles as doubles
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.campaign.runner import Plan, Runner, open_job_store, run_campaign
 from xrdscale.campaign.spec import load_spec
 from xrdscale.campaign.stages import CAMPAIGN

@@ -87,7 +87,7 @@ def test_unsupported_version_and_not_a_mapping(tmp_path):
 
 @pytest.mark.s3
 def test_spec_from_s3_resolves_against_its_prefix(s3_bucket):
-    from xrdscale import storage
+    from xrdscale.io import storage
 
     url = f"{s3_bucket}/beamtime/spec.yaml"
     storage.write_bytes(url, yaml.safe_dump(_raw(workspace="work")).encode())

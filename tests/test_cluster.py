@@ -7,7 +7,7 @@ import socket
 import pytest
 
 from xrdscale.campaign.spec import AddressCluster, KubernetesCluster, LocalCluster
-from xrdscale.cluster import check_reachable, cluster_from_option, connect
+from xrdscale.runtime.cluster import check_reachable, cluster_from_option, connect
 from xrdscale.exceptions import ConfigError, StorageError
 
 
@@ -90,7 +90,7 @@ def test_gpu_request_without_cuda_degrades_to_cpu(caplog):
 
     if torch.cuda.is_available():
         pytest.skip("CUDA present: this test checks the CPU fallback")
-    with caplog.at_level(logging.INFO, logger="xrdscale.cluster"):
+    with caplog.at_level(logging.INFO, logger="xrdscale.runtime.cluster"):
         with connect(LocalCluster(workers=1, gpu=True, dashboard=False)) as (client, _):
             assert len(client.nthreads()) == 1
     assert "no CUDA device" in caplog.text

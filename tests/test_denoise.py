@@ -6,10 +6,10 @@ import numpy as np
 import pytest
 
 from test_reconstruct import phantom_sinograms, write_sinogram
-from xrdscale import storage
-from xrdscale.denoise import N2IConfig, denoise
+from xrdscale.io import storage
+from xrdscale.stages.denoise import N2IConfig, denoise
 from xrdscale.exceptions import ConfigError, InputError
-from xrdscale.reconstruct import reconstruct
+from xrdscale.stages.reconstruct import reconstruct
 
 
 def psnr(img: np.ndarray, truth: np.ndarray) -> float:
@@ -42,9 +42,9 @@ def test_noise2inverse_improves_psnr_over_fbp(tmp_path, noisy):
 
 
 def test_split_reconstructions_average_to_the_full_fbp(noisy):
-    from xrdscale.denoise import split_pairs
+    from xrdscale.stages.denoise import split_pairs
     from xrdscale.recon.registry import Impl, get_engine
-    from xrdscale.reconstruct import open_sinogram
+    from xrdscale.stages.reconstruct import open_sinogram
 
     url, vol_url, _ = noisy
     intensity, geometry = open_sinogram(url)

@@ -16,7 +16,7 @@ import pytest
 from pyFAI.detectors import Detector
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
-from xrdscale import frames
+from xrdscale.io import frames
 from xrdscale.exceptions import InputError, StorageError
 
 WAVELENGTH = 0.130509  # Å

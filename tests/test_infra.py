@@ -194,7 +194,7 @@ def test_dockerfile_passes_hadolint():
 
 
 def test_dask_workers_get_the_malloc_environment_of_local_workers(built):
-    from xrdscale.cluster import WORKER_MALLOC_ENV
+    from xrdscale.runtime.cluster import WORKER_MALLOC_ENV
 
     cluster = _by_kind(built, "DaskCluster")[0]
     container = cluster["spec"]["worker"]["spec"]["containers"][0]

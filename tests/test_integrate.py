@@ -12,9 +12,9 @@ import pyFAI
 import pytest
 from test_frames import SHAPE, make_raw
 
-from xrdscale import frames, storage
+from xrdscale.io import frames, storage
 from xrdscale.exceptions import InputError, StorageError, XrdscaleError
-from xrdscale.integrate import integrate, patterns_dataset, resolve_spec
+from xrdscale.stages.integrate import integrate, patterns_dataset, resolve_spec
 
 NPT = 64
 Q_RANGE = (1.0, 3.0)

@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.simulate.beamtime import make_detector
-from xrdscale.simulate.pattern import Instrument
+from xrdscale.physics.pattern import Instrument
 from xrdscale.simulate.phantom import make_phantom
 from xrdscale.simulate.scan import scan_phantom
 
@@ -43,7 +43,7 @@ def _pearson(a: np.ndarray, b: np.ndarray) -> float:
 
 def test_truth_projections_reconstruct_upright_in_absolute_units(scanned, tmp_path):
     """Radon conventions of simulator and reconstruction agree (no flip, no transpose)."""
-    from xrdscale.reconstruct import reconstruct
+    from xrdscale.stages.reconstruct import reconstruct
 
     out, phantom = scanned
     truth = storage.open_store(str(out / "truth.zarr"), stage="truth")

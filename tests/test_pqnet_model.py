@@ -10,14 +10,14 @@ import pytest
 import torch
 from torch import nn
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, IncompleteStoreError, InputError, StorageError
 from xrdscale.pqnet import registry
 from xrdscale.pqnet.engine import Ensemble, export_onnx
 from xrdscale.pqnet.library import label_var, make_library, open_library
 from xrdscale.pqnet.model import ModelSpec, PQNet
 from xrdscale.pqnet.train import _select_routes
-from xrdscale.simulate.phaselib import PhaseLibrary
+from xrdscale.physics.phaselib import PhaseLibrary
 
 YAML = """\
 version: 1

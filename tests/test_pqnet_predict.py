@@ -12,7 +12,7 @@ import pytest
 import torch
 import xarray as xr
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import InputError
 from xrdscale.pqnet.model import ModelSpec
 from xrdscale.pqnet.predict import predict

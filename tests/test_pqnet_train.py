@@ -6,14 +6,14 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.pqnet.library import make_library
 from xrdscale.pqnet.registry import open_entry
 from xrdscale.pqnet.serve import load_ensemble
 from xrdscale.pqnet.train import train_ensemble
-from xrdscale.simulate.pattern import simulate_patterns
-from xrdscale.simulate.phaselib import PhaseLibrary
-from xrdscale.simulate.phases import builtin_phase
+from xrdscale.physics.pattern import simulate_patterns
+from xrdscale.physics.phaselib import PhaseLibrary
+from xrdscale.physics.crystal import builtin_phase
 
 # NCA (scale, a, c) and Al at demo noise (the counts of the packaged libraries).
 YAML = """\

@@ -8,11 +8,11 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
 from xrdscale.recon.geometry import Geometry
 from xrdscale.recon.phantoms import default_ellipses, ellipse_image, ellipse_sinogram
-from xrdscale.reconstruct import reconstruct
+from xrdscale.stages.reconstruct import reconstruct
 
 N, A = 48, 72
 

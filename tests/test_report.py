@@ -13,7 +13,7 @@ import pytest
 import xarray as xr
 
 from test_analysis_unroll import spiral_maps
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.analysis.regions import CHARGE_ORDER
 from xrdscale.analysis.report import DatasetEntry, write_report
 from xrdscale.exceptions import InputError

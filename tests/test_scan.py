@@ -12,12 +12,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError
 from xrdscale.simulate.geometry import DetectorModel, ray_matrix
-from xrdscale.simulate.pattern import Instrument, simulate_patterns
+from xrdscale.physics.pattern import Instrument, simulate_patterns
 from xrdscale.simulate.phantom import make_phantom
-from xrdscale.simulate.phases import builtin_phase
+from xrdscale.physics.crystal import builtin_phase
 from xrdscale.simulate.scan import plan_scan, scan_phantom
 
 WL = 0.130509

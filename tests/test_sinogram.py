@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import IncompleteStoreError, InputError
-from xrdscale.sinogram import build_sinogram
+from xrdscale.stages.sinogram import build_sinogram
 
 Q = np.linspace(1.0, 3.0, 24)
 DISKS = [  # x, y (mm), radius (mm), spectrum peak q
@@ -173,7 +173,7 @@ def simulated_scan(tmp_path_factory):
     from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
     from xrdscale.simulate.geometry import DetectorModel
-    from xrdscale.simulate.pattern import Instrument
+    from xrdscale.physics.pattern import Instrument
     from xrdscale.simulate.phantom import make_phantom
     from xrdscale.simulate.scan import scan_phantom
 
@@ -190,7 +190,7 @@ def simulated_scan(tmp_path_factory):
 @pytest.mark.parametrize("method", ["mean", "trimmed_mean"])
 def test_simulated_scan_matches_truth(simulated_scan, method):
     """raw → integrate → sinogram reproduces the simulator's noise-free projections and axis."""
-    from xrdscale.integrate import integrate
+    from xrdscale.stages.integrate import integrate
 
     d, info = simulated_scan
     npt, lo, hi = 120, 1.0, 4.0

@@ -51,7 +51,7 @@ def resolve_phases(names: Sequence[str], phases: Mapping[str, object] | None = N
     names : sequence of str
         Phase names of a ``maps`` store.
     phases : mapping, optional
-        Name → :class:`~xrdscale.simulate.phases.Phase` (or ``AmorphousPeak``), e.g. from
+        Name → :class:`~xrdscale.physics.crystal.Phase` (or ``AmorphousPeak``), e.g. from
         the phase library the model was trained on. Names not in it fall back to the
         built-in phases of the 18650 cell.
 
@@ -60,7 +60,7 @@ def resolve_phases(names: Sequence[str], phases: Mapping[str, object] | None = N
     InputError
         A name is neither in ``phases`` nor a built-in phase.
     """
-    from xrdscale.simulate.phases import BUILTIN_PHASES, builtin_phase
+    from xrdscale.physics.crystal import BUILTIN_PHASES, builtin_phase
 
     out: dict[str, object] = {}
     unknown = []

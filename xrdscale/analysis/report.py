@@ -24,7 +24,8 @@ import pandas as pd
 import xarray as xr
 from rich.progress import Progress
 
-from xrdscale import __version__, storage
+from xrdscale import __version__
+from xrdscale.io import storage
 from xrdscale.analysis import plots
 from xrdscale.analysis.fractions import with_weight_fractions
 from xrdscale.analysis.regions import REGION_NAMES, classify_regions

@@ -21,7 +21,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.campaign.stages import CAMPAIGN, MODEL, Stage, StageCall, default_stages, input_identity
 from xrdscale.campaign.store import JobStore, default_url
 from xrdscale.exceptions import ConfigError, InputError, StorageError, XrdscaleError
@@ -363,7 +363,7 @@ def run_campaign(spec: Any, *, stages: Sequence[Stage] | None = None, on_event: 
         Missing inputs, an invalid plan or an unreachable cluster or job store — raised
         before any stage starts.
     """
-    from xrdscale.cluster import connect
+    from xrdscale.runtime.cluster import connect
 
     check_inputs(spec)
     plan = Plan(spec, stages)

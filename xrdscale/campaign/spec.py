@@ -22,8 +22,9 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError
+from xrdscale.runtime.cluster import AddressCluster, ClusterSpec, KubernetesCluster, LocalCluster
 
 logger = logging.getLogger(__name__)
 
@@ -31,8 +32,7 @@ SPEC_VERSION = 1
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+from xrdscale.config import Model as _Model  # noqa: E402
 
 
 class Geometry(_Model):
@@ -40,41 +40,6 @@ class Geometry(_Model):
 
     poni: str
     mask: str | None = None
-
-
-class LocalCluster(_Model):
-    """A Dask ``LocalCluster`` and a local Ray instance on this machine."""
-
-    kind: Literal["local"] = "local"
-    workers: int | None = Field(None, ge=1, description="Dask worker processes (default: Dask's choice)")
-    threads_per_worker: int = Field(1, ge=1)
-    memory_limit: str = "auto"
-    gpu: bool = Field(False, description="use dask-cuda's LocalCUDACluster where CUDA is present")
-    dashboard: bool = True
-
-
-class AddressCluster(_Model):
-    """An existing Dask scheduler and, optionally, an existing Ray cluster."""
-
-    kind: Literal["address"]
-    dask: str = Field(description="Dask scheduler address, e.g. tcp://host:8786")
-    ray: str | None = Field(None, description="Ray client address, e.g. ray://host:10001")
-    timeout: float = Field(10.0, gt=0, description="seconds to wait for the scheduler")
-
-
-class KubernetesCluster(_Model):
-    """A Dask cluster of the dask-kubernetes operator and a KubeRay ``RayCluster``."""
-
-    kind: Literal["kubernetes"]
-    namespace: str = "xrdscale"
-    dask_cluster: str | None = Field(None, description="name of an existing DaskCluster to connect to")
-    image: str | None = Field(None, description="image of a new KubeCluster (when dask_cluster is absent)")
-    workers: int = Field(2, ge=1)
-    ray: str | None = Field(None, description="KubeRay head address, e.g. ray://raycluster-head-svc:10001")
-    timeout: float = Field(60.0, gt=0)
-
-
-ClusterSpec = Annotated[LocalCluster | AddressCluster | KubernetesCluster, Field(discriminator="kind")]
 
 
 class IntegrateConfig(_Model):

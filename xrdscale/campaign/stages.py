@@ -16,7 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
-from xrdscale import storage
+from xrdscale.io import storage
 
 logger = logging.getLogger(__name__)
 
@@ -107,7 +107,7 @@ def _phases(spec: Any) -> dict | None:
     """Phase objects of the spec's phase library (for weight fractions of non-built-in phases)."""
     if not spec.phases:
         return None
-    from xrdscale.simulate.phaselib import PhaseLibrary
+    from xrdscale.physics.phaselib import PhaseLibrary
 
     lib = PhaseLibrary.load(spec.phases)
     return dict(zip(lib.phase_names, lib.phases))
@@ -130,7 +130,7 @@ def _run_train(call: StageCall) -> None:
 
 
 def _run_integrate(call: StageCall) -> None:
-    from xrdscale.integrate import integrate
+    from xrdscale.stages.integrate import integrate
 
     cfg = call.config
     integrate(call.dataset.raw, call.out, poni=call.spec.geometry.poni, mask=call.spec.geometry.mask,
@@ -139,13 +139,13 @@ def _run_integrate(call: StageCall) -> None:
 
 
 def _run_sinogram(call: StageCall) -> None:
-    from xrdscale.sinogram import build_sinogram
+    from xrdscale.stages.sinogram import build_sinogram
 
     build_sinogram(call.inputs["integrate"], call.out, center=call.config["center"], progress=False)
 
 
 def _run_absorption(call: StageCall) -> None:
-    from xrdscale.absorption import correct_absorption
+    from xrdscale.stages.absorption import correct_absorption
 
     correct_absorption(call.inputs["sinogram"], call.out, mu_map=call.spec.pipeline.absorption.mu_map)
 
@@ -155,7 +155,7 @@ def _sinogram_input(inputs: Mapping[str, str]) -> str:
 
 
 def _run_reconstruct(call: StageCall) -> None:
-    from xrdscale.reconstruct import reconstruct
+    from xrdscale.stages.reconstruct import reconstruct
 
     cfg = call.config
     reconstruct(_sinogram_input(call.inputs), call.out, algorithm=cfg["algorithm"],
@@ -163,7 +163,7 @@ def _run_reconstruct(call: StageCall) -> None:
 
 
 def _run_denoise(call: StageCall) -> None:
-    from xrdscale.denoise import denoise
+    from xrdscale.stages.denoise import denoise
 
     denoise(_sinogram_input(call.inputs), call.inputs["reconstruct"], call.out)
 

@@ -25,9 +25,9 @@ import numpy as np
 import xarray as xr
 import yaml
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError
-from xrdscale.simulate.phaselib import PhaseLibrary
+from xrdscale.physics.phaselib import PhaseLibrary
 
 logger = logging.getLogger(__name__)
 

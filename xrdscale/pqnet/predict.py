@@ -17,7 +17,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import InputError
 from xrdscale.pqnet.registry import open_entry
 from xrdscale.pqnet.serve import ServerPool, actor_handles, predict_batches

@@ -26,7 +26,7 @@ from typing import Any
 import numpy as np
 import torch
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import IncompleteStoreError, InputError, StorageError
 from xrdscale.pqnet.model import ModelSpec, PQNet
 

@@ -21,7 +21,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
 from xrdscale.pqnet import registry
 from xrdscale.pqnet.engine import Ensemble, export_onnx

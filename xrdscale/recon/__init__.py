@@ -3,5 +3,5 @@
 Every q channel of an XRD-CT sinogram is one parallel-beam tomogram and all channels
 share one geometry. :mod:`xrdscale.recon.registry` looks engines up by name
 (``astra``: ASTRA per channel; ``batched``: one sparse operator for a whole chunk of
-channels); :mod:`xrdscale.reconstruct` runs them chunk-wise on Dask.
+channels); :mod:`xrdscale.stages.reconstruct` runs them chunk-wise on Dask.
 """

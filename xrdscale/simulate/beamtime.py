@@ -25,12 +25,12 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import yaml
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError
 from xrdscale.simulate import phantom as phantom_mod
 from xrdscale.simulate.geometry import DetectorModel
-from xrdscale.simulate.pattern import Instrument, simulate_patterns
-from xrdscale.simulate.phases import Phase, builtin_cif
+from xrdscale.physics.pattern import Instrument, simulate_patterns
+from xrdscale.physics.crystal import Phase, builtin_cif
 from xrdscale.simulate.scan import scan_phantom, simulation_grid
 
 logger = logging.getLogger(__name__)

@@ -4,7 +4,7 @@ Steel casing (``Fe``), a hollow centre pin (``pin``), and a jelly roll wound as 
 Archimedean spiral of Cu | anode (LixC) | separator | cathode (NCA) | Al | cathode |
 separator | anode, with an Al (cathode) tab and a Ni0.92Cu0.08 (anode) tab. Per voxel:
 phase ``scale`` (the phase's volume fraction of the voxel: a voxel full of one phase has
-scale 1 in the absolute units of :mod:`xrdscale.simulate.pattern`), lattice parameters
+scale 1 in the absolute units of :mod:`xrdscale.physics.pattern`), lattice parameters
 ``a``/``c`` and crystallite ``size`` [nm], NaN where a phase is absent or a parameter does
 not apply. The names are those of the ``maps`` contract, so the ``truth`` store compares
 directly with predicted maps.
@@ -292,7 +292,7 @@ def _domain_params(rng: np.random.Generator, voltage: float) -> dict[str, dict[s
 
 def _weight_fractions(scale: np.ndarray, lattice: dict[str, np.ndarray]) -> np.ndarray:
     """Mass fractions among the crystalline phases: volume fraction × density, normalised (separator NaN)."""
-    from xrdscale.simulate.phases import builtin_phase, cell_volume
+    from xrdscale.physics.crystal import builtin_phase, cell_volume
 
     mass = np.zeros_like(scale, dtype=np.float64)
     for i, phase in enumerate(PHASES):

@@ -30,11 +30,12 @@ import numpy as np
 import scipy.sparse as sp
 import xarray as xr
 
-from xrdscale import __version__, storage
+from xrdscale import __version__
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
 from xrdscale.simulate.geometry import DetectorModel, ray_matrix
-from xrdscale.simulate.pattern import Instrument, simulate_patterns
-from xrdscale.simulate.phases import builtin_phase
+from xrdscale.physics.pattern import Instrument, simulate_patterns
+from xrdscale.physics.crystal import builtin_phase
 
 logger = logging.getLogger(__name__)
 

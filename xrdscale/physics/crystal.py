@@ -118,7 +118,7 @@ class Phase:
         InputError
             The file is missing, is not a CIF, or lacks a cell, a space group or sites.
         """
-        from xrdscale import storage
+        from xrdscale.io import storage
 
         if storage.is_remote(path):
             if not storage.exists(path):

@@ -32,7 +32,7 @@ def phantom_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the grain domains and their parameters."),
 ) -> None:
     """Write the 18650 phantom's maps (scale, a, c, size, weight_fraction, region, layer, al_tab_roi)."""
-    from xrdscale import storage
+    from xrdscale.io import storage
     from xrdscale.simulate.phantom import make_phantom
 
     ph = make_phantom(size, voltage=voltage, seed=seed)
@@ -54,7 +54,7 @@ def scan_cmd(
     import numpy as np
 
     from xrdscale.simulate.beamtime import LIBRARY_Q, PRESETS, WAVELENGTH, make_detector, write_geometry
-    from xrdscale.simulate.pattern import Instrument
+    from xrdscale.physics.pattern import Instrument
     from xrdscale.simulate.phantom import make_phantom
     from xrdscale.simulate.scan import scan_phantom
 

@@ -20,7 +20,7 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
 from xrdscale.recon.filters import check_filter
 from xrdscale.recon.geometry import Geometry, geometry_from_coords

@@ -15,7 +15,7 @@ import os
 import typer
 import yaml
 
-from xrdscale import storage
+from xrdscale.io import storage
 
 logger = logging.getLogger(__name__)
 
@@ -75,7 +75,7 @@ def register(app: typer.Typer) -> None:
         """Simulate the demo beamtime, train (or reuse) a small PQ-Net, run the campaign and write its report."""
         from rich.console import Console
 
-        from xrdscale.campaign.cli import run_and_print
+        from xrdscale.cli.campaign import run_and_print
         from xrdscale.campaign.spec import load_spec
 
         console = Console(stderr=True)

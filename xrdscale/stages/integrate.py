@@ -35,8 +35,8 @@ from dask.highlevelgraph import HighLevelGraph
 import numpy as np
 import xarray as xr
 
-from xrdscale import frames as rawframes
-from xrdscale import storage
+from xrdscale.io import frames as rawframes
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError, StorageError, XrdscaleError
 
 logger = logging.getLogger(__name__)

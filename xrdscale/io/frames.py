@@ -28,7 +28,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import InputError, StorageError
 
 logger = logging.getLogger(__name__)

@@ -28,13 +28,13 @@ import logging
 import numpy as np
 import torch
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
 from xrdscale.recon.filters import check_filter
 from xrdscale.recon.geometry import Geometry
 from xrdscale.recon.registry import Engine, Impl, get_engine
-from xrdscale.reconstruct import channel_volumes, open_sinogram, write_volume
-from xrdscale.unet import UNet
+from xrdscale.stages.reconstruct import channel_volumes, open_sinogram, write_volume
+from xrdscale.recon.unet import UNet
 
 logger = logging.getLogger(__name__)
 
@@ -169,7 +169,7 @@ def denoise(sinogram_url: str, volume_url: str, out_url: str, *, config: N2IConf
     filter : str, optional
         FBP filter of the split reconstructions.
     engine, device : str
-        Reconstruction engine and device (as :func:`xrdscale.reconstruct.reconstruct`);
+        Reconstruction engine and device (as :func:`xrdscale.stages.reconstruct.reconstruct`);
         the network trains on CUDA when torch sees a GPU and ``device`` allows it.
     channels_per_chunk : int, optional
         Channels per fine-tuning task.

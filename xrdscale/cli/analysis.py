@@ -10,7 +10,7 @@ import typer
 import yaml
 from rich.console import Console
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
 
 logger = logging.getLogger(__name__)
@@ -30,7 +30,7 @@ VOLTAGE_OPT = typer.Option(None, "--voltage", "-V", help="Voltage of each maps s
 def _phases(path: str | None) -> dict | None:
     if path is None:
         return None
-    from xrdscale.simulate.phaselib import PhaseLibrary
+    from xrdscale.physics.phaselib import PhaseLibrary
 
     lib = PhaseLibrary.load(path)
     return dict(zip(lib.phase_names, lib.phases))

@@ -33,7 +33,7 @@ def reconstruct_cmd(
     channels_per_chunk: int = typer.Option(None, help="q channels per task (default: ~64 MiB per task)."),
 ) -> None:
     """Reconstruct every q channel of a sinogram store into a volume store."""
-    from xrdscale.reconstruct import reconstruct
+    from xrdscale.stages.reconstruct import reconstruct
 
     with _progress():
         reconstruct(sinogram, out, algorithm=algorithm, iterations=iterations, filter=filter, engine=engine,
@@ -54,7 +54,7 @@ def absorption_cmd(
     min_transmission: float = typer.Option(1e-3, help="Floor of the transmission a ray is divided by."),
 ) -> None:
     """Zero-order self-absorption correction: divide every ray by its transmission exp(-∫μ dl)."""
-    from xrdscale.absorption import correct_absorption
+    from xrdscale.stages.absorption import correct_absorption
 
     with _progress():
         correct_absorption(sinogram, out, mu_map=mu_map, maps_url=maps, energy_kev=energy_kev, basis=basis,
@@ -80,7 +80,7 @@ def denoise_cmd(
     channels_per_chunk: int = typer.Option(None, help="q channels per fine-tuning task."),
 ) -> None:
     """Noise2Inverse denoising: train a U-Net on X:1 splits of the projections, apply it to every channel."""
-    from xrdscale.denoise import N2IConfig, denoise
+    from xrdscale.stages.denoise import N2IConfig, denoise
 
     config = N2IConfig(splits=splits, realizations=realizations, pretrain_channels=pretrain_channels,
                        pretrain_epochs=pretrain_epochs, finetune_epochs=finetune_epochs, batch_size=batch_size,

@@ -31,10 +31,10 @@ import numpy as np
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, XrdscaleError
-from xrdscale.simulate.pattern import Instrument, add_background_and_noise, simulate_patterns
-from xrdscale.simulate.phases import BUILTIN_PHASES, AmorphousPeak, Phase, builtin_cif
+from xrdscale.physics.pattern import Instrument, add_background_and_noise, simulate_patterns
+from xrdscale.physics.crystal import BUILTIN_PHASES, AmorphousPeak, Phase, builtin_cif
 
 logger = logging.getLogger(__name__)
 

@@ -21,7 +21,7 @@ import numpy as np
 from scipy import optimize
 
 from xrdscale.exceptions import InputError
-from xrdscale.simulate.phases import AmorphousPeak, Phase, cell_volume
+from xrdscale.physics.crystal import AmorphousPeak, Phase, cell_volume
 
 logger = logging.getLogger(__name__)
 
@@ -212,7 +212,7 @@ def simulate_patterns(q: np.ndarray, phases: Sequence[Phase | AmorphousPeak],
 
     Examples
     --------
-    >>> from xrdscale.simulate.phases import builtin_phase
+    >>> from xrdscale.physics.crystal import builtin_phase
     >>> q = np.linspace(1.2, 3.8, 800)
     >>> al = builtin_phase("Al")
     >>> p = simulate_patterns(q, [al], {"Al": {"scale": np.array([1.0, 2.0])}}, Instrument(0.130509))

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-from xrdscale.cluster import worker_environ
+from xrdscale.runtime.cluster import worker_environ
 from xrdscale.exceptions import ConfigError
 
 logger = logging.getLogger(__name__)
@@ -60,7 +60,7 @@ def _integrate(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler."),
 ) -> None:
     """Azimuthally integrate every frame of a raw dataset into a patterns store (frame, q), divided by I0."""
-    from xrdscale.integrate import integrate
+    from xrdscale.stages.integrate import integrate
 
     q = tuple(q_range) if q_range is not None and None not in q_range else None
     with dask_client(workers, scheduler) as client:
@@ -82,7 +82,7 @@ def _sinogram(
     scheduler: Optional[str] = typer.Option(None, "--scheduler", help="Address of a running Dask scheduler."),
 ) -> None:
     """Place patterns by their positioners into sinograms (angle, translation, q), centred, air subtracted."""
-    from xrdscale.sinogram import build_sinogram
+    from xrdscale.stages.sinogram import build_sinogram
 
     if center != "auto":
         try:

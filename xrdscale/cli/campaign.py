@@ -8,7 +8,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.campaign.stages import CAMPAIGN
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ def run_cmd(
     concurrency: int | None = typer.Option(None, "--concurrency", min=1, help="Datasets processed at once."),
 ) -> None:
     """Run every stage of every dataset, skipping what is already complete, and write the report."""
-    from xrdscale.cluster import cluster_from_option
+    from xrdscale.runtime.cluster import cluster_from_option
 
     spec = _load(spec_url, workspace)
     update = {}

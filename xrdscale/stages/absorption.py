@@ -29,11 +29,11 @@ import numpy as np
 import xarray as xr
 import xraylib
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
 from xrdscale.recon.astra_engine import astra_geometry
 from xrdscale.recon.geometry import Geometry
-from xrdscale.reconstruct import open_sinogram
+from xrdscale.stages.reconstruct import open_sinogram
 
 logger = logging.getLogger(__name__)
 
@@ -67,10 +67,10 @@ def mass_attenuation(mass_fractions: Mapping[str, float], energy_kev: float) -> 
 
 
 def phase_composition(name: str) -> tuple[Mapping[str, float], float]:
-    """``(mass_fractions, density)`` of a built-in phase of :mod:`xrdscale.simulate.phases`."""
+    """``(mass_fractions, density)`` of a built-in phase of :mod:`xrdscale.physics.crystal`."""
     if name in AMORPHOUS_COMPOSITION:
         return AMORPHOUS_COMPOSITION[name]
-    from xrdscale.simulate.phases import builtin_phase
+    from xrdscale.physics.crystal import builtin_phase
 
     phase = builtin_phase(name)
     return phase.mass_fractions, phase.density()

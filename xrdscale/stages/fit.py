@@ -1,7 +1,7 @@
 """Conventional full-profile fitting: the baseline PQ-Net is judged against.
 
 A whole-pattern least-squares fit with the same pattern model as the simulator and the
-training libraries (:mod:`xrdscale.simulate.pattern`), parameterised by a phase library:
+training libraries (:mod:`xrdscale.physics.pattern`), parameterised by a phase library:
 per phase a scale factor and, where the library gives ranges, lattice parameters and
 crystallite size; plus a Chebyshev background. Scale factors and background enter
 linearly and are solved exactly (bounded linear least squares, scales ≥ 0) for every
@@ -20,8 +20,8 @@ import numpy as np
 from scipy import optimize
 
 from xrdscale.exceptions import InputError
-from xrdscale.simulate.pattern import simulate_patterns
-from xrdscale.simulate.phaselib import PhaseLibrary
+from xrdscale.physics.pattern import simulate_patterns
+from xrdscale.physics.phaselib import PhaseLibrary
 
 logger = logging.getLogger(__name__)
 

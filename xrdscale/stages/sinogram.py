@@ -30,9 +30,9 @@ import numpy as np
 import scipy.sparse as sp
 import xarray as xr
 
-from xrdscale import storage
+from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
-from xrdscale.integrate import current_client, write_dataset
+from xrdscale.stages.integrate import current_client, write_dataset
 
 logger = logging.getLogger(__name__)
 

@@ -50,7 +50,7 @@ def _root(
 def _register() -> None:
     # Sub-apps live next to the code they drive; each module defines ``app`` (a typer.Typer)
     # or ``register(app)`` for top-level commands.
-    from xrdscale.simulate import cli as simulate_cli
+    from xrdscale.cli import simulate as simulate_cli
 
     app.add_typer(simulate_cli.app, name="simulate")
     for module in _optional_command_modules():
@@ -65,12 +65,12 @@ def _optional_command_modules() -> list:
 
 # Modules that add commands with ``register(app)``; each owns its commands.
 COMMAND_MODULES: list[str] = [
-    "xrdscale.cli_integrate",
-    "xrdscale.cli_reconstruct",
-    "xrdscale.campaign.cli",
-    "xrdscale.demo",
-    "xrdscale.pqnet.cli",
-    "xrdscale.analysis.cli",
+    "xrdscale.cli.integrate",
+    "xrdscale.cli.reconstruct",
+    "xrdscale.cli.campaign",
+    "xrdscale.cli.demo",
+    "xrdscale.cli.pqnet",
+    "xrdscale.cli.analysis",
 ]
 
 _register()

@@ -15,7 +15,7 @@ campaign whose analyses are all finished never starts it.
 
 Examples
 --------
->>> from xrdscale.campaign.spec import LocalCluster
+>>> from xrdscale.runtime.cluster import LocalCluster
 >>> with connect(LocalCluster(workers=1)) as (client, ray_handle):   # doctest: +SKIP
 ...     print(client.dashboard_link)
 """
@@ -28,12 +28,51 @@ import os
 import socket
 import threading
 from collections.abc import Iterator
-from typing import Any, NamedTuple
+from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlparse
 
+from pydantic import Field
+
+from xrdscale.config import Model
 from xrdscale.exceptions import ConfigError, StorageError
 
 logger = logging.getLogger(__name__)
+
+
+class LocalCluster(Model):
+    """A Dask ``LocalCluster`` and a local Ray instance on this machine."""
+
+    kind: Literal["local"] = "local"
+    workers: int | None = Field(None, ge=1, description="Dask worker processes (default: Dask's choice)")
+    threads_per_worker: int = Field(1, ge=1)
+    memory_limit: str = "auto"
+    gpu: bool = Field(False, description="use dask-cuda's LocalCUDACluster where CUDA is present")
+    dashboard: bool = True
+
+
+class AddressCluster(Model):
+    """An existing Dask scheduler and, optionally, an existing Ray cluster."""
+
+    kind: Literal["address"]
+    dask: str = Field(description="Dask scheduler address, e.g. tcp://host:8786")
+    ray: str | None = Field(None, description="Ray client address, e.g. ray://host:10001")
+    timeout: float = Field(10.0, gt=0, description="seconds to wait for the scheduler")
+
+
+class KubernetesCluster(Model):
+    """A Dask cluster of the dask-kubernetes operator and a KubeRay ``RayCluster``."""
+
+    kind: Literal["kubernetes"]
+    namespace: str = "xrdscale"
+    dask_cluster: str | None = Field(None, description="name of an existing DaskCluster to connect to")
+    image: str | None = Field(None, description="image of a new KubeCluster (when dask_cluster is absent)")
+    workers: int = Field(2, ge=1)
+    ray: str | None = Field(None, description="KubeRay head address, e.g. ray://raycluster-head-svc:10001")
+    timeout: float = Field(60.0, gt=0)
+
+
+ClusterSpec = Annotated[LocalCluster | AddressCluster | KubernetesCluster, Field(discriminator="kind")]
+
 
 
 class RayHandle:
@@ -267,7 +306,6 @@ def cluster_from_option(option: str, current: Any) -> Any:
     current : cluster section
         The spec's section, kept when ``option`` names the same kind.
     """
-    from xrdscale.campaign.spec import AddressCluster, KubernetesCluster, LocalCluster
 
     if option == current.kind:
         return current

@@ -1,0 +1,5 @@
+"""``python -m xrdscale.cli``: the ``xrdscale`` command."""
+
+from xrdscale.cli import main
+
+main()
