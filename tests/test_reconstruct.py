@@ -157,7 +157,7 @@ def test_angles_not_covering_180_are_refused(tmp_path):
 @pytest.mark.parametrize(("kwargs", "match"), [
     ({"algorithm": "art"}, "unknown reconstruction algorithm 'art'; expected one of fbp, sirt"),
     ({"filter": "cosine"}, "unknown FBP filter 'cosine'; expected one of ram-lak, shepp-logan, hann"),
-    ({"engine": "tomopy"}, "unknown reconstruction engine 'tomopy'; available engines: auto, astra, batched"),
+    ({"engine": "tomopy"}, "unknown reconstruction engine 'tomopy'; expected one of auto, astra, batched"),
 ])
 def test_unknown_names_list_the_choices(tmp_path, sinogram_url, kwargs, match):
     with pytest.raises(ConfigError, match=match):
@@ -258,3 +258,260 @@ def test_toeplitz_filter_equals_fft_filter(monkeypatch, filter_name):
     by_fft = filters.filter_sinograms(sino, filter_name)
     assert by_matrix.shape == by_fft.shape == sino.shape
     np.testing.assert_allclose(by_matrix.numpy(), by_fft.numpy(), rtol=1e-4, atol=1e-5 * float(by_fft.abs().max()))
+
+
+# --- translation grids off the rotation axis ------------------------------------------------------------------
+
+
+def ellipse_rays(geometry: Geometry, ellipses) -> np.ndarray:
+    """Exact ray sums of the ellipses at the geometry's own detector positions (its offset included).
+
+    The formula of :func:`ellipse_sinogram` (Kak & Slaney eq. 3.46) at ``t = geometry.detector_coords()``.
+    """
+    theta = geometry.angles_rad[:, None]
+    t = geometry.detector_coords()[None, :]
+    sino = np.zeros((geometry.n_angles, geometry.n_det))
+    for x0, y0, a, b, phi, rho in ellipses:
+        alpha2 = (a * np.cos(theta - np.deg2rad(phi))) ** 2 + (b * np.sin(theta - np.deg2rad(phi))) ** 2
+        s = x0 * np.cos(theta) + y0 * np.sin(theta)
+        sino += 2.0 * rho * a * b * np.sqrt(np.clip(alpha2 - (t - s) ** 2, 0.0, None)) / alpha2
+    return sino
+
+
+SK_SCALES = (1.0, 2.0, 0.5)
+
+
+def skimage_sinograms(n: int = 64, a: int = 90) -> tuple[np.ndarray, np.ndarray]:
+    """``skimage.transform.radon`` of a Shepp-Logan phantom, channels = scaled copies; (sino, theta_deg).
+
+    scikit-image puts the rotation axis on bin ``n // 2``: for even ``n`` the grid is half a step off centre.
+    """
+    from skimage.data import shepp_logan_phantom
+    from skimage.transform import radon, resize
+
+    image = resize(shepp_logan_phantom(), (n, n), anti_aliasing=True)
+    rows, cols = np.mgrid[:n, :n]
+    image[(rows - n // 2) ** 2 + (cols - n // 2) ** 2 > (n // 2 - 1) ** 2] = 0.0  # radon(circle=True) wants it
+    theta = np.arange(a) * 180.0 / a
+    sino = radon(image, theta, circle=True).T  # (angle, bin)
+    return np.stack([s * sino for s in SK_SCALES], axis=-1), theta
+
+
+def iradon_on_our_grid(sino2d: np.ndarray, theta: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``skimage.transform.iradon`` (ramp) sampled at our pixel centres, and the mask of its disc.
+
+    scikit-image's pixel (row, col) lies at ``x = col − n//2``, ``y = n//2 − row``, and its ``radon`` at angle θ
+    integrates along ``x cos θ + y sin θ = bin − n//2``: our convention with the same angles, rows running the
+    other way. For even ``n`` its pixel centres are half a pixel off ours (x and y centred on the axis), so the
+    reference is resampled (cubic) at our ``(x, y)``.
+    """
+    from scipy import ndimage
+    from skimage.transform import iradon
+
+    ref = iradon(sino2d.T, theta, filter_name="ramp", circle=True)
+    n = ref.shape[0]
+    c = np.arange(n) - (n - 1) / 2.0
+    y, x = np.meshgrid(c, c, indexing="ij")
+    on_ours = ndimage.map_coordinates(ref, [n // 2 - y, n // 2 + x], order=3)
+    return on_ours, x ** 2 + y ** 2 <= (n / 2.0 - 2.0) ** 2
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    return float(np.corrcoef(a.ravel(), b.ravel())[0, 1])
+
+
+def engines():
+    from xrdscale.recon.astra_engine import AstraEngine
+    from xrdscale.recon.batched import BatchedEngine
+
+    return {"astra": AstraEngine("cpu"), "batched": BatchedEngine("cpu")}
+
+
+def test_geometry_from_coords_keeps_the_offset_of_the_grid(caplog):
+    from xrdscale.recon.geometry import geometry_from_coords
+
+    angles = np.arange(A) * 180.0 / A
+    with caplog.at_level("INFO", logger="xrdscale.recon.geometry"):
+        even = geometry_from_coords(angles, (np.arange(64) - 32) * 0.03)  # scikit-image's grid
+        centred = geometry_from_coords(angles, (np.arange(64) - 31.5 + 1e-6) * 0.03)
+        odd = geometry_from_coords(angles, (np.arange(49) - 24 + 1.37) * 0.03)
+    assert even.offset == pytest.approx(-0.5) and even.n_det == 64 and even.step_mm == pytest.approx(0.03)
+    assert centred.offset == 0.0  # rounding, not an offset
+    assert odd.offset == pytest.approx(1.37)
+    np.testing.assert_allclose(odd.translation_coords(), (np.arange(49) - 24 + 1.37) * 0.03)
+    np.testing.assert_allclose(odd.pixel_coords(), (np.arange(49) - 24) * 0.03)  # volume centred on the axis
+    assert odd.subset(np.arange(5)).offset == odd.offset
+    logged = [r.getMessage() for r in caplog.records if "off the rotation axis" in r.getMessage()]
+    assert len(logged) == 2 and "-0.5 steps" in logged[0] and "1.37 steps" in logged[1]
+
+
+@pytest.mark.parametrize(("translation", "match"), [
+    ((np.arange(40) + 4.0) * 0.03, r"centred 23\.50 steps .* off the rotation axis, more than 0\.25 of its width"),
+    ((np.arange(40) - 30.0) * 0.03, r"centred -10\.50 steps"),
+    (np.r_[np.arange(20), np.arange(21, 41)] * 0.03 - 0.6, "evenly spaced"),
+    (np.arange(40)[::-1] * 0.03 - 0.6, "ascending and evenly spaced"),
+])
+def test_geometry_from_coords_still_refuses_bad_grids(translation, match):
+    from xrdscale.recon.geometry import geometry_from_coords
+
+    with pytest.raises(InputError, match=match):
+        geometry_from_coords(np.arange(A) * 180.0 / A, translation)
+
+
+def test_geometry_from_coords_still_refuses_bad_angles():
+    from xrdscale.recon.geometry import geometry_from_coords
+
+    with pytest.raises(InputError, match="strictly ascending"):
+        geometry_from_coords(np.arange(A)[::-1] * 180.0 / A, (np.arange(40) - 20) * 0.03)
+
+
+def test_engines_reconstruct_skimage_radon_on_even_grid():
+    """Engines on numpy arrays (independent of the store layer): iradon's image, the half-step offset honoured."""
+    from xrdscale.recon.geometry import geometry_from_coords
+
+    sino, theta = skimage_sinograms()
+    n = sino.shape[1]
+    g = geometry_from_coords(theta, (np.arange(n) - n // 2) * 0.03)
+    assert g.offset == pytest.approx(-0.5)
+    unshifted = Geometry(g.angles_deg, g.n_det, g.step_mm)  # the same data read as if centred
+    for name, engine in engines().items():
+        vol = engine.fbp(g, sino.astype(np.float32), "ram-lak")
+        wrong = engine.fbp(unshifted, sino.astype(np.float32), "ram-lak")
+        for c in range(sino.shape[2]):
+            ref, disc = iradon_on_our_grid(sino[:, :, c], theta)
+            r = pearson(vol[:, :, c][disc], ref[disc])
+            assert r >= 0.98, (name, c, r)
+            assert pearson(wrong[:, :, c][disc], ref[disc]) < r - 0.03, name
+            np.testing.assert_allclose(np.abs(vol[:, :, c][disc]).max(), np.abs(ref[disc]).max(), rtol=0.15)
+
+
+def test_centred_odd_grid_matches_skimage_without_resampling():
+    """The orientation mapping on the centred case (odd n: scikit-image's grid is ours)."""
+    sino, theta = skimage_sinograms(63, 90)
+    g = Geometry(tuple(theta), 63)
+    from skimage.transform import iradon
+
+    for name, engine in engines().items():
+        vol = engine.fbp(g, sino[:, :, :1].astype(np.float32), "ram-lak")[:, :, 0]
+        ref = iradon(sino[:, :, 0].T, theta, filter_name="ramp", circle=True)[::-1]
+        _, disc = iradon_on_our_grid(sino[:, :, 0], theta)
+        assert pearson(vol[disc], ref[disc]) >= 0.99, name
+
+
+@pytest.mark.parametrize("engine", ["astra", "batched"])
+def test_skimage_even_grid_store_reconstructs_like_iradon(tmp_path, engine, caplog):
+    """A plain-xarray sinogram on scikit-image's grid (axis on bin n//2) through the reconstruct stage."""
+    sino, theta = skimage_sinograms()
+    n, step = sino.shape[1], 0.03
+    url = str(tmp_path / "sino.zarr")
+    xr.Dataset({"intensity": (("angle", "translation", "q"), sino.astype(np.float32))},
+               coords={"angle": theta, "translation": (np.arange(n) - n // 2) * step,
+                       "q": [1.5, 2.0, 2.5]}).to_zarr(url)
+    with caplog.at_level("INFO", logger="xrdscale"):
+        out = reconstruct(url, str(tmp_path / "vol.zarr"), algorithm="fbp", filter="ram-lak", engine=engine)
+    assert sum("off the rotation axis" in r.getMessage() for r in caplog.records) == 1
+    ds = storage.open_store(out, stage="volume")
+    np.testing.assert_allclose(ds["x"].values, (np.arange(n) - (n - 1) / 2) * step)  # centred on the axis
+    np.testing.assert_allclose(ds["y"].values, ds["x"].values)
+    vol = ds["intensity"].values
+    for c in range(sino.shape[2]):
+        ref, disc = iradon_on_our_grid(sino[:, :, c], theta)
+        r = pearson(vol[:, :, c][disc], ref[disc])
+        assert r >= 0.98, (engine, c, r)
+
+
+def _offset_case(offset: float, n: int = 49, a: int = A):
+    from xrdscale.recon.geometry import geometry_from_coords
+
+    angles = np.arange(a) * 180.0 / a
+    g = geometry_from_coords(angles, (np.arange(n) - (n - 1) / 2 + offset) * 0.03)
+    ellipses = default_ellipses(n)
+    sino = np.stack([s * ellipse_rays(g, ellipses) for s in (1.0, 3.0)], axis=-1).astype(np.float32)
+    truth = np.stack([s * ellipse_image(n, ellipses) for s in (1.0, 3.0)], axis=-1)
+    c = np.arange(n) - (n - 1) / 2
+    y, x = np.meshgrid(c, c, indexing="ij")
+    disc = x ** 2 + y ** 2 <= ((n - 1) / 2 - 4.5) ** 2  # seen from every angle in both cases
+    return g, sino, truth, disc
+
+
+def _fidelity(vol: np.ndarray, truth: np.ndarray, disc: np.ndarray) -> tuple[float, float]:
+    r = min(pearson(vol[:, :, c][disc], truth[:, :, c][disc]) for c in range(truth.shape[2]))
+    err = max(rel_rmse(vol[:, :, c][disc], truth[:, :, c][disc]) for c in range(truth.shape[2]))
+    return r, err
+
+
+@pytest.mark.parametrize("algorithm", ["fbp", "sirt"])
+@pytest.mark.parametrize("engine", ["astra", "batched"])
+def test_odd_grid_off_by_a_fraction_of_a_step_matches_truth_as_the_centred_grid(engine, algorithm):
+    eng = engines()[engine]
+
+    def run(g, sino):
+        return eng.fbp(g, sino, "ram-lak") if algorithm == "fbp" else eng.sirt(g, sino, 40)
+
+    g0, sino0, truth, disc = _offset_case(0.0)
+    g1, sino1, _, _ = _offset_case(1.37)
+    assert g0.offset == 0.0 and g1.offset == pytest.approx(1.37)
+    r0, e0 = _fidelity(run(g0, sino0), truth, disc)
+    r1, e1 = _fidelity(run(g1, sino1), truth, disc)
+    assert r1 >= r0 - 0.01 and e1 <= 1.1 * e0, (r0, r1, e0, e1)
+    _, e_wrong = _fidelity(run(Geometry(g1.angles_deg, g1.n_det, g1.step_mm), sino1), truth, disc)
+    assert e_wrong > 1.5 * e0, (e0, e_wrong)  # the offset matters: ignoring it is far worse
+
+
+@pytest.mark.parametrize("algorithm", ["fbp", "sirt"])
+def test_engines_agree_on_an_offset_grid(algorithm):
+    """Same operator from the same geometry: ASTRA (BP of the filtered sinogram on the CPU) and batched agree."""
+    g, sino, _, _ = _offset_case(-2.5, n=40)
+    eng = engines()
+    if algorithm == "fbp":
+        a, b = (e.fbp(g, sino, "shepp-logan") for e in eng.values())
+        np.testing.assert_allclose(a, b, rtol=0, atol=1e-4 * np.abs(a).max())
+    else:
+        a, b = (e.sirt(g, sino, 20) for e in eng.values())
+        assert rel_rmse(b, a) < 0.02
+
+
+def test_offset_store_sirt_reconstructs(tmp_path):
+    g, sino, truth, disc = _offset_case(1.37)
+    url = str(tmp_path / "sino.zarr")
+    xr.Dataset({"intensity": (("angle", "translation", "q"), sino)},
+               coords={"angle": np.asarray(g.angles_deg), "translation": g.translation_coords(),
+                       "q": [1.5, 2.0]}).to_zarr(url)
+    for engine in ("astra", "batched"):
+        out = reconstruct(url, str(tmp_path / f"{engine}.zarr"), algorithm="sirt", iterations=40, engine=engine)
+        vol = storage.open_store(out, stage="volume")["intensity"].values
+        r, _ = _fidelity(vol, truth, disc)
+        assert r >= 0.95, (engine, r)
+
+
+def test_operator_of_an_offset_grid_is_the_shifted_detector_and_cached_apart():
+    from xrdscale.recon.astra_engine import astra_geometry
+    from xrdscale.recon.batched import BatchedEngine, _astra_matrix
+
+    angles = tuple(np.linspace(0.0, 180.0, 24, endpoint=False))
+    g0, g1, gh = Geometry(angles, 20), Geometry(angles, 20, offset=1.0), Geometry(angles, 20, offset=-0.5)
+    w0 = _astra_matrix(g0).toarray().reshape(24, 20, -1)
+    w1 = _astra_matrix(g1).toarray().reshape(24, 20, -1)
+    np.testing.assert_allclose(w1[:, :-1], w0[:, 1:], atol=1e-5)  # one bin over: bin i sees centred bin i+1
+    assert astra_geometry(gh)[1]["type"] == "parallel_vec" and astra_geometry(g0)[1]["type"] == "parallel"
+    engine = BatchedEngine("cpu")
+    op0, oph = engine.operator(g0), engine.operator(gh)
+    assert oph is not op0 and engine.operator(gh) is oph
+    assert abs(oph.nnz - op0.nnz) < 0.1 * op0.nnz
+
+
+def test_transmission_on_an_offset_grid_follows_the_shifted_rays():
+    from xrdscale.stages.absorption import transmission
+
+    n, mu0, step = 40, 0.5, 0.03  # μ in 1/mm
+    angles = tuple(np.arange(A) * 180.0 / A)
+    ellipses = default_ellipses(n)
+    mu = mu0 * ellipse_image(n, ellipses)
+    for offset in (0.0, -0.5, 2.3):
+        g = Geometry(angles, n, step, offset)
+        exact = ellipse_rays(g, [(*e[:5], e[5] * mu0 * step) for e in ellipses])
+        got = -np.log(transmission(mu, g))
+        assert rel_rmse(got, exact) < 0.03, offset
+        if offset:
+            centred = -np.log(transmission(mu, Geometry(angles, n, step)))
+            assert rel_rmse(centred, exact) > 2 * rel_rmse(got, exact), offset

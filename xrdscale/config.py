@@ -8,15 +8,35 @@ or an unknown key, the valid values.
 
 from __future__ import annotations
 
-from typing import Any
+from dataclasses import dataclass
+from typing import Annotated, Any
 
-from pydantic import BaseModel, ConfigDict, ValidationError
+from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
 
 class Model(BaseModel):
     """Frozen, ``extra="forbid"``: a typo in a key is an error, not a silent default."""
 
     model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+@dataclass(frozen=True)
+class OneOf:
+    """A choice among names; the message lists them (the CLI reads them for its help)."""
+
+    choices: tuple[str, ...]
+    what: str
+
+    def __call__(self, value: str) -> str:
+        if value not in self.choices:
+            raise ValueError(f"unknown {self.what} {value!r}; expected one of {', '.join(self.choices)}")
+        return value
+
+
+def one_of(choices: tuple[str, ...] | list[str], what: str) -> Any:
+    """The type of a field whose value is one of ``choices`` (``what`` names it in errors)."""
+    check = OneOf(tuple(choices), what)
+    return Annotated[str, AfterValidator(check), check]
 
 
 def yaml_path(parts: tuple[Any, ...], prefix: str = "") -> str:
@@ -84,5 +104,7 @@ def format_errors(exc: ValidationError, model: type[BaseModel] | None = None, *,
         elif err["type"] == "literal_error":
             ctx = err.get("ctx", {})
             msg = f"{err['input']!r} is not a valid choice; choose one of {ctx.get('expected', '')}"
+        elif err["type"] not in ("value_error", "assertion_error", "missing") and "input" in err:
+            msg = f"{msg} (got {err['input']!r})"
         lines.append(f"{yaml_path(loc, prefix)}: {msg}")
     return lines

@@ -5,7 +5,8 @@ a mixture from Rietveld scale factors ``S`` as ``W_i = S_i (ZMV)_i / Σ_j S_j (Z
 where Z·M is the mass of the unit cell and V its volume. Their ``S`` multiplies
 ``m |F|²`` alone. xrdscale's pattern model (DESIGN.md) folds the ``1/V²`` of the
 kinematic intensity into the phase: a reflection is ``scale · m |F|² · LP / V²``. Hence
-``S_HH = scale / V²`` and, per pixel,
+``S_HH = scale / V²`` and, per pixel, with the mass factor ``k = ZMV/V²`` of
+:func:`xrdscale.physics.quant.mass_factor`,
 
     W_i = scale_i (ZMV)_i / V_i² / Σ_j scale_j (ZMV)_j / V_j²   ( = scale_i ρ_i / Σ scale_j ρ_j )
 
@@ -36,6 +37,9 @@ import numpy as np
 import xarray as xr
 
 from xrdscale.exceptions import InputError
+from xrdscale.physics.constants import AMORPHOUS_DEFAULTS
+from xrdscale.physics.crystal import BUILTIN_PHASES, builtin_phase
+from xrdscale.physics.quant import is_crystalline, lattice_exponents, mass_factor
 
 logger = logging.getLogger(__name__)
 
@@ -60,29 +64,22 @@ def resolve_phases(names: Sequence[str], phases: Mapping[str, object] | None = N
     InputError
         A name is neither in ``phases`` nor a built-in phase.
     """
-    from xrdscale.physics.crystal import BUILTIN_PHASES, builtin_phase
-
     out: dict[str, object] = {}
     unknown = []
     for name in names:
         if phases is not None and name in phases:
             out[name] = phases[name]
-        elif name in BUILTIN_PHASES or name == "separator":
+        elif name in BUILTIN_PHASES or name in AMORPHOUS_DEFAULTS:
             out[name] = builtin_phase(name)
         else:
             unknown.append(name)
     if unknown:
         raise InputError(
             f"no structure for phase(s) {unknown}: they are neither built-in phases "
-            f"({', '.join(BUILTIN_PHASES)}, separator) nor in the given phase library; "
+            f"({', '.join([*BUILTIN_PHASES, *AMORPHOUS_DEFAULTS])}) nor in the given phase library; "
             "pass the phase library the model was trained on (--phases PHASES.yaml)"
         )
     return out
-
-
-def is_crystalline(phase: object) -> bool:
-    """True for a phase with a unit cell (Z, M, V); False for a single amorphous peak."""
-    return hasattr(phase, "zmv") and bool(getattr(phase, "lattice_keys", ()))
 
 
 def require(maps: xr.Dataset, variables: Sequence[str] = (), phases: Sequence[str] = (), *, what: str) -> None:
@@ -111,20 +108,10 @@ def require(maps: xr.Dataset, variables: Sequence[str] = (), phases: Sequence[st
                          "analyse the dataset with a model that predicts them")
 
 
-def lattice_exponents(phase: object) -> dict[str, float]:
-    """``∂ln V/∂ln key`` for each lattice key of ``phase`` (3 for cubic ``a``; 2, 1 for hexagonal)."""
-    base = phase.lattice
-    v0 = phase.volume()
-    out = {}
-    for key, value in base.items():
-        out[key] = float(np.log(phase.volume(**{key: value * 1.01}) / v0) / np.log(1.01))
-    return out
-
-
 def _mass_factor(maps: xr.DataArray, objs: Mapping[str, object], names: Sequence[str]) -> tuple[xr.DataArray, xr.DataArray]:
     """``k = ZMV/V²`` (phase, …) per pixel and its relative variance from the lattice std maps."""
     ph = xr.DataArray(list(names), dims="phase", name="phase")
-    k = xr.DataArray([objs[n].zmv() / objs[n].volume() ** 2 for n in names], dims="phase", coords={"phase": ph})
+    k = xr.DataArray([mass_factor(objs[n]) for n in names], dims="phase", coords={"phase": ph})
     k = k * xr.ones_like(maps["scale"].sel(phase=list(names)), dtype=float)
     rel_var = xr.zeros_like(k)
     exps = {n: lattice_exponents(objs[n]) for n in names}

@@ -31,6 +31,7 @@ from scipy import ndimage
 
 from xrdscale.analysis.fractions import require, resolve_phases
 from xrdscale.exceptions import InputError
+from xrdscale.physics.quant import mass_factor
 
 logger = logging.getLogger(__name__)
 
@@ -45,8 +46,7 @@ def lixc_mass(maps: xr.Dataset, order: Sequence[str] = CHARGE_ORDER,
     """Mass of each LixC phase per pixel (phase, y, x): scale × ZMV/V² at the CIF lattice (Hill & Howard)."""
     require(maps, ["scale"], list(order), what="lithiation regions")
     objs = resolve_phases(list(order), phases)
-    k = xr.DataArray([objs[p].zmv() / objs[p].volume() ** 2 for p in order], dims="phase",
-                     coords={"phase": list(order)})
+    k = xr.DataArray([mass_factor(objs[p]) for p in order], dims="phase", coords={"phase": list(order)})
     return maps["scale"].sel(phase=list(order)) * k
 
 

@@ -97,6 +97,33 @@ class _Doc:
     def p(self, text: str, cls: str = "") -> None:
         self.parts.append(f"<p class='{cls}'>{html.escape(text)}</p>")
 
+    def rst(self, text: str) -> None:
+        """Docstring text as HTML: paragraphs, numbered or bulleted lists, **bold** and literals."""
+        blocks: list[tuple[str, list[str]]] = []  # (kind, pieces): "p", "ol" or "ul"
+        for line in text.strip().splitlines():
+            stripped = line.strip()
+            item = re.match(r"^(\d+\.|[-*])\s+(.*)", stripped)
+            if item:
+                kind = "ol" if item.group(1)[0].isdigit() else "ul"
+                if not blocks or blocks[-1][0] != kind:
+                    blocks.append((kind, []))
+                blocks[-1][1].append(item.group(2))
+            elif not stripped:
+                blocks.append(("p", []))
+            elif blocks and blocks[-1][1] and (blocks[-1][0] != "p" or line[:1] != " "):
+                blocks[-1][1][-1] += " " + stripped
+            else:
+                blocks.append(("p", [stripped]))
+        out = []
+        for kind, pieces in blocks:
+            if not pieces:
+                continue
+            if kind == "p":
+                out.append(f"<p>{_inline(' '.join(pieces))}</p>")
+            else:
+                out.append(f"<{kind}>" + "".join(f"<li>{_inline(x)}</li>" for x in pieces) + f"</{kind}>")
+        self.parts.append("".join(out))
+
     def table(self, df: pd.DataFrame, caption: str) -> None:
         body = df.to_html(index=False, float_format=lambda v: f"{v:.5g}", na_rep="–", border=0, classes="data")
         self.parts.append(f"<figure class='table'><figcaption>{html.escape(caption)}</figcaption>{body}</figure>")
@@ -115,6 +142,27 @@ class _Doc:
                  "padding:2px 6px}figure{margin:1em 0}figcaption{font-size:13px;color:#444}.note{color:#a60}")
         return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
                 f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(self.parts)}</body></html>")
+
+
+def _inline(text: str) -> str:
+    """Escape ``text`` and render its reStructuredText inline markup (bold, literals, emphasis)."""
+    out = html.escape(text)
+    out = re.sub(r"\*\*(.+?)\*\*", r"<strong>\1</strong>", out)
+    out = re.sub(r"``(.+?)``", r"<code>\1</code>", out)
+    out = re.sub(r"(?<![*\w])\*(?!\s)(.+?)(?<!\s)\*(?![*\w])", r"<em>\1</em>", out)
+    return out
+
+
+def _roi_tables(doc: _Doc, table: pd.DataFrame, dataset: str) -> None:
+    """One table per ROI: phases as rows, map variables as columns, cells ``mean ± std``."""
+    for roi, sub in table.groupby("roi", sort=False):
+        cells = sub.assign(cell=[f"{m:.4g} ± {s:.2g}" if np.isfinite(m) else "–"
+                                 for m, s in zip(sub["mean"], sub["std"])])
+        wide = cells.pivot_table(index="phase", columns="variable", values="cell", aggfunc="first", sort=False)
+        wide = wide.reset_index().rename_axis(columns=None)
+        n = int(sub["n_pixels"].iloc[0]) if "n_pixels" in sub else None
+        doc.table(wide, f"{dataset}, ROI {roi}" + (f" ({n} pixels)" if n is not None else "")
+                  + ": mean ± std over the ROI's pixels")
 
 
 def _present(maps: xr.Dataset, var: str) -> xr.DataArray | None:
@@ -157,7 +205,7 @@ def _dataset_section(doc: _Doc, e: DatasetEntry, maps: xr.Dataset, *, centre, pi
         if roi_set.sizes["roi"] == 0:
             return pd.DataFrame()
     table = roi_table({e.id: maps}, roi_set)
-    doc.table(table, f"{e.id}: per-ROI mean ± std over pixels and mean ensemble std")
+    _roi_tables(doc, table, e.id)
     return table
 
 
@@ -190,7 +238,8 @@ def _cycle_section(doc: _Doc, cycle: Any, entries: Sequence[DatasetEntry], maps:
                    f"cycle{cycle}_regions", f"Cycle {cycle}: anode lithiation regions (HL/DL/IN)")
         counts = {REGION_NAMES[c]: int((reg["region"].values == c).sum()) for c in REGION_NAMES}
         doc.table(pd.DataFrame([counts]), f"Cycle {cycle}: anode pixels per region")
-        doc.p("Criteria: " + reg.attrs["criteria"].replace("\n", " "))
+        doc.h(3, "Region criteria")
+        doc.rst(reg.attrs["criteria"])
     except InputError as exc:
         doc.p(f"No lithiation regions for cycle {cycle}: {exc}", "note")
 

@@ -23,7 +23,17 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from xrdscale.io import storage
+from xrdscale.config import Model as _Model
+from xrdscale.config import format_errors
 from xrdscale.exceptions import ConfigError
+from xrdscale.stages.absorption import AbsorptionConfig
+from xrdscale.stages.analyse import AnalyseConfig
+from xrdscale.stages.denoise import DenoiseConfig
+from xrdscale.stages.integrate import IntegrateConfig
+from xrdscale.stages.reconstruct import ReconstructConfig
+from xrdscale.stages.report import ReportConfig
+from xrdscale.stages.sinogram import SinogramConfig
+from xrdscale.stages.train import TrainConfig
 from xrdscale.runtime.cluster import AddressCluster, ClusterSpec, KubernetesCluster, LocalCluster
 
 logger = logging.getLogger(__name__)
@@ -32,7 +42,6 @@ SPEC_VERSION = 1
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
-from xrdscale.config import Model as _Model  # noqa: E402
 
 
 class Geometry(_Model):
@@ -42,61 +51,12 @@ class Geometry(_Model):
     mask: str | None = None
 
 
-class IntegrateConfig(_Model):
-    npt: int = Field(1000, ge=16)
-    q_range: tuple[float, float] | None = None
-    method: Literal["trimmed_mean", "mean", "median"] = "trimmed_mean"
-    percentile: tuple[float, float] = (10.0, 90.0)
-
-
-class SinogramConfig(_Model):
-    center: Literal["auto"] | float = "auto"
-
-
-class AbsorptionConfig(_Model):
-    enabled: bool = False
-    mu_map: str | None = Field(None, description="linear attenuation map [1/mm] (y, x): .npy or store with `mu`")
-
-    @model_validator(mode="after")
-    def _needs_mu(self) -> AbsorptionConfig:
-        if self.enabled and not self.mu_map:
-            raise ValueError("absorption is enabled but no mu_map is given; set mu_map to a .npy file or a store "
-                             "with a `mu` (y, x) variable in 1/mm")
-        return self
-
-
-class ReconstructConfig(_Model):
-    algorithm: Literal["fbp", "sirt"] = "fbp"
-    iterations: int = Field(100, ge=1)
-    filter: str = "ram-lak"
-
-
-class DenoiseConfig(_Model):
-    enabled: bool = False
-
-
-class TrainConfig(_Model):
-    n: int = Field(200_000, ge=10)
-    ensemble: int = Field(10, ge=1)
-    epochs: int = Field(35, ge=1)
-    seed: int = 0
-    outputs: list[str] | None = Field(None, description="outputs to predict (e.g. [scale, NCA.a, NCA.c]); "
-                                      "default: every label of the phase library")
-
-
-class AnalyseConfig(_Model):
-    ensemble: int = Field(10, ge=1, description="members used for prediction")
-    actors: int = Field(1, ge=1, description="Ray actors serving the ensemble")
-    batch: int = Field(4096, ge=1)
-
-
-class ReportConfig(_Model):
-    rois: dict[str, dict] | None = Field(None, description="ROI spec of the report (xrdscale.analysis.roi); "
-                                         "default: the report's own; {} for none")
-
-
 class Pipeline(_Model):
-    """Per-stage settings; every key optional, defaults are the package's."""
+    """Per-stage settings; every key optional, defaults are the package's.
+
+    Each section *is* the stage's own config model (:mod:`xrdscale.stages`): the same
+    object reaches the stage function, and gives the run's config hash.
+    """
 
     integrate: IntegrateConfig = IntegrateConfig()
     sinogram: SinogramConfig = SinogramConfig()
@@ -140,7 +100,7 @@ class Cycle(_Model):
 
 
 class CampaignSpec(_Model):
-    """A whole campaign; see shared/DESIGN.md "Campaign spec".
+    """A whole campaign (the campaign spec of the README).
 
     Paths are stored as given; :func:`load_spec` resolves them against the YAML's folder.
     """
@@ -160,18 +120,6 @@ class CampaignSpec(_Model):
     def datasets(self) -> list[Dataset]:
         """Every dataset of every cycle, in spec order."""
         return [d for c in self.cycles for d in c.datasets]
-
-
-def _loc(parts: tuple[Any, ...]) -> str:
-    out = ""
-    for p in parts:
-        if isinstance(p, int):
-            out += f"[{p}]"
-        elif p in ("local", "address", "kubernetes") and out.endswith("cluster"):
-            continue  # the discriminated union's tag adds no information to the path
-        else:
-            out += f".{p}" if out else str(p)
-    return out or "(top level)"
 
 
 def _duplicate_ids(raw: Any) -> list[str]:
@@ -218,11 +166,7 @@ def validate_spec(raw: Any, source: str = "<spec>") -> CampaignSpec:
     try:
         spec = CampaignSpec.model_validate(raw)
     except ValidationError as exc:
-        for err in exc.errors():
-            msg = err["msg"].removeprefix("Value error, ")
-            if err["type"] == "extra_forbidden":
-                msg = "unknown key (check the spelling; see shared/DESIGN.md 'Campaign spec')"
-            problems.append(f"{_loc(err['loc'])}: {msg}")
+        problems += format_errors(exc, CampaignSpec, skip=("local", "address", "kubernetes"))
     problems += _duplicate_ids(raw)
     if problems:
         lines = "\n  ".join(problems)
@@ -242,7 +186,8 @@ def resolve_paths(spec: CampaignSpec, base_dir: str | None) -> CampaignSpec:
         for c in spec.cycles
     ]
     geometry = spec.geometry.model_copy(update={"poni": r(spec.geometry.poni), "mask": r(spec.geometry.mask)})
-    absorption = spec.pipeline.absorption.model_copy(update={"mu_map": r(spec.pipeline.absorption.mu_map)})
+    absorption = spec.pipeline.absorption.model_copy(update={"mu_map": r(spec.pipeline.absorption.mu_map),
+                                                             "maps": r(spec.pipeline.absorption.maps)})
     pipeline = spec.pipeline.model_copy(update={"absorption": absorption})
     job_store = spec.job_store
     if job_store is not None and job_store.startswith("sqlite:///") and not job_store.startswith("sqlite:////"):
@@ -251,6 +196,46 @@ def resolve_paths(spec: CampaignSpec, base_dir: str | None) -> CampaignSpec:
         "workspace": r(spec.workspace), "phases": r(spec.phases), "model": r(spec.model),
         "geometry": geometry, "cycles": cycles, "job_store": job_store, "pipeline": pipeline,
     })
+
+
+def _model_q(spec: CampaignSpec) -> tuple[tuple[float, float], str] | None:
+    """The q range a model needs, and where it comes from (the model entry or the phase library)."""
+    if spec.model:
+        from xrdscale.pqnet.registry import open_entry
+
+        try:
+            q = open_entry(spec.model).q
+        except Exception:  # noqa: BLE001 - a missing or unreadable model is reported by the run
+            return None
+        return (float(q[0]), float(q[-1])), f"model {storage.redact(spec.model)}"
+    if spec.phases and storage.exists(spec.phases):
+        try:
+            grid = yaml.safe_load(storage.read_bytes(spec.phases).decode("utf-8")).get("q_grid") or {}
+            return (float(grid["min"]), float(grid["max"])), f"phase library {storage.redact(spec.phases)}"
+        except Exception:  # noqa: BLE001 - the library's own validation reports its problems
+            return None
+    return None
+
+
+def check_consistency(spec: CampaignSpec) -> list[str]:
+    """Problems between sections of a resolved spec, found without reading any data.
+
+    Today: the integration q range must cover the q grid of the model (or of the phase
+    library it is trained from). The range is the outer edges of pyFAI's bins, and the
+    library's grid runs edge to edge, so the same range in both places is consistent.
+    """
+    problems: list[str] = []
+    q_range = spec.pipeline.integrate.q_range
+    needed = _model_q(spec) if q_range is not None else None
+    if needed is not None and q_range is not None:
+        (lo, hi), source = needed
+        tol = 1e-9 * max(abs(hi), 1.0)
+        if lo < q_range[0] - tol or hi > q_range[1] + tol:
+            problems.append(
+                f"pipeline.integrate.q_range: [{q_range[0]}, {q_range[1]}] 1/Å does not cover the q grid "
+                f"[{lo}, {hi}] 1/Å of the {source}; widen q_range to at least [{lo}, {hi}] (or leave it unset "
+                "for the detector's whole range)")
+    return problems
 
 
 def load_spec(url: str, *, workspace: str | None = None) -> CampaignSpec:
@@ -286,6 +271,10 @@ def load_spec(url: str, *, workspace: str | None = None) -> CampaignSpec:
     spec = validate_spec(raw, storage.redact(url))
     base = posixpath.dirname(url) if storage.is_remote(url) else os.path.dirname(os.path.abspath(url))
     spec = resolve_paths(spec, base)
+    problems = check_consistency(spec)
+    if problems:
+        lines = "\n  ".join(problems)
+        raise ConfigError(f"{storage.redact(url)}: {len(problems)} problem(s) in the campaign spec:\n  {lines}")
     if workspace is not None:
         ws = workspace if storage.is_remote(workspace) else os.path.abspath(workspace)
         spec = spec.model_copy(update={"workspace": ws})

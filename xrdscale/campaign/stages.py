@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from xrdscale.io import storage
+from xrdscale.physics.constants import HC_KEV_ANGSTROM
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +95,6 @@ class Stage:
     ray: bool = False
 
 
-def _dump(model: Any) -> dict:
-    return model.model_dump(mode="json")
-
-
 def _ray(call: StageCall) -> None:
     if call.ray is not None:
         call.ray.ensure()
@@ -113,41 +110,53 @@ def _phases(spec: Any) -> dict | None:
     return dict(zip(lib.phase_names, lib.phases))
 
 
-def _run_library(call: StageCall) -> None:
-    from xrdscale.pqnet.library import make_library
+def _per_dataset(url: str | None, dataset: Any) -> str | None:
+    """``url`` with ``{dataset}`` replaced by the dataset's id."""
+    return None if url is None or dataset is None else url.replace("{dataset}", dataset.id)
 
-    cfg = call.config
-    make_library(call.spec.phases, call.out, n=cfg["n"], seed=cfg["seed"])
+
+def _run_library(call: StageCall) -> None:
+    from xrdscale.stages.train import make_library
+
+    make_library(call.spec.phases, call.out, call.spec.pipeline.train)
 
 
 def _run_train(call: StageCall) -> None:
-    from xrdscale.pqnet.train import train_ensemble
+    from xrdscale.stages.train import train
 
-    cfg = call.config
     _ray(call)
-    train_ensemble(call.inputs["library"], call.out, ensemble=cfg["ensemble"], epochs=cfg["epochs"],
-                   seed=cfg["seed"], outputs=cfg.get("outputs"))
+    train(call.inputs["library"], call.out, call.spec.pipeline.train)
 
 
 def _run_integrate(call: StageCall) -> None:
     from xrdscale.stages.integrate import integrate
 
-    cfg = call.config
     integrate(call.dataset.raw, call.out, poni=call.spec.geometry.poni, mask=call.spec.geometry.mask,
-              npt=cfg["npt"], q_range=tuple(cfg["q_range"]) if cfg["q_range"] else None,
-              method=cfg["method"], percentile=tuple(cfg["percentile"]), progress=False)
+              config=call.spec.pipeline.integrate, progress=False)
 
 
 def _run_sinogram(call: StageCall) -> None:
     from xrdscale.stages.sinogram import build_sinogram
 
-    build_sinogram(call.inputs["integrate"], call.out, center=call.config["center"], progress=False)
+    build_sinogram(call.inputs["integrate"], call.out, config=call.spec.pipeline.sinogram, progress=False)
+
+
+def _absorption_config(spec: Any, dataset: Any) -> Any:
+    """The absorption config of one dataset: ``{dataset}`` filled in, the energy from the phase library."""
+    cfg = spec.pipeline.absorption
+    update: dict[str, Any] = {"mu_map": _per_dataset(cfg.mu_map, dataset), "maps": _per_dataset(cfg.maps, dataset)}
+    if cfg.energy_kev is None and spec.phases:
+        from xrdscale.physics.phaselib import PhaseLibrary
+
+        update["energy_kev"] = HC_KEV_ANGSTROM / PhaseLibrary.load(spec.phases).wavelength
+    return cfg.model_copy(update=update)
 
 
 def _run_absorption(call: StageCall) -> None:
     from xrdscale.stages.absorption import correct_absorption
 
-    correct_absorption(call.inputs["sinogram"], call.out, mu_map=call.spec.pipeline.absorption.mu_map)
+    correct_absorption(call.inputs["sinogram"], call.out, config=_absorption_config(call.spec, call.dataset),
+                       progress=False)
 
 
 def _sinogram_input(inputs: Mapping[str, str]) -> str:
@@ -157,37 +166,29 @@ def _sinogram_input(inputs: Mapping[str, str]) -> str:
 def _run_reconstruct(call: StageCall) -> None:
     from xrdscale.stages.reconstruct import reconstruct
 
-    cfg = call.config
-    reconstruct(_sinogram_input(call.inputs), call.out, algorithm=cfg["algorithm"],
-                iterations=cfg["iterations"], filter=cfg["filter"])
+    reconstruct(_sinogram_input(call.inputs), call.out, config=call.spec.pipeline.reconstruct, progress=False)
 
 
 def _run_denoise(call: StageCall) -> None:
     from xrdscale.stages.denoise import denoise
 
-    denoise(_sinogram_input(call.inputs), call.inputs["reconstruct"], call.out)
+    denoise(_sinogram_input(call.inputs), call.inputs["reconstruct"], call.out, config=call.spec.pipeline.denoise,
+            progress=False)
 
 
 def _run_analyse(call: StageCall) -> None:
-    """PQ-Net prediction into a scratch store, then the ``maps`` store with weight fractions."""
-    from xrdscale.analysis.fractions import with_weight_fractions
-    from xrdscale.pqnet.predict import predict
+    """PQ-Net maps with weight fractions, one lazy composition written once."""
+    from xrdscale.stages.analyse import analyse
 
-    cfg = call.config
     _ray(call)
     volume = call.inputs.get("denoise") or call.inputs["reconstruct"]
-    scratch = call.out.rstrip("/").removesuffix(".zarr") + ".predicted.zarr"
-    # the number of actors changes the speed, not the result: it is not part of the hashed config
-    predict(call.inputs[MODEL], volume, scratch, actors=call.spec.pipeline.analyse.actors, batch=cfg["batch"])
-    maps = storage.open_store(scratch, stage="maps")
-    config = {"model": storage.redact(call.inputs[MODEL]), **cfg}
-    storage.write_store(with_weight_fractions(maps, _phases(call.spec)), call.out, stage="maps", config=config)
-    storage.clear(scratch)
+    analyse(call.inputs[MODEL], volume, call.out, phases=_phases(call.spec), config=call.spec.pipeline.analyse,
+            progress=False)
 
 
 def _run_report(call: StageCall) -> None:
     """The campaign report over the finished datasets; the folder is marked complete last."""
-    from xrdscale.analysis.report import write_report
+    from xrdscale.stages.report import report
 
     by_id = {d.id: (c.cycle, d) for c in call.spec.cycles for d in c.datasets}
     entries = []
@@ -198,10 +199,8 @@ def _run_report(call: StageCall) -> None:
         entries.append({"id": ds.id, "maps_url": url, "cycle": cycle, "state": ds.state, "voltage": ds.voltage,
                         "raw_url": ds.raw})
     model = {"url": storage.redact(call.inputs[MODEL])} if MODEL in call.inputs else None
-    storage.begin_store(call.out)
-    write_report(entries, call.out, title=f"xrdscale campaign {call.spec.campaign}", model=model,
-                 rois=call.config["rois"], phases=_phases(call.spec), progress=False)
-    storage.mark_complete(call.out, {"stage": "report"})
+    report(entries, call.out, config=call.spec.pipeline.report, title=f"xrdscale campaign {call.spec.campaign}",
+           model=model, phases=_phases(call.spec), progress=False)
 
 
 def _raw_inputs(spec: Any, ds: Any) -> dict:
@@ -211,25 +210,35 @@ def _raw_inputs(spec: Any, ds: Any) -> dict:
     return out
 
 
+def _absorption_inputs(spec: Any, ds: Any) -> dict:
+    cfg = spec.pipeline.absorption
+    return {k: v for k, v in (("mu_map", _per_dataset(cfg.mu_map, ds)), ("maps", _per_dataset(cfg.maps, ds)))
+            if v is not None}
+
+
+def _hashed(name: str) -> Callable[[Any], dict]:
+    """The config hash of ``pipeline.<name>``: what its model declares to change the result."""
+    return lambda spec: getattr(spec.pipeline, name).hashed()
+
+
 def default_stages() -> list[Stage]:
-    """The stages of xrdscale in graph order, each calling the real stage function."""
-    p = lambda name: (lambda spec: _dump(getattr(spec.pipeline, name)))  # noqa: E731
+    """The stages of xrdscale in graph order, each calling the real stage function with its config."""
     return [
-        Stage("library", _run_library, lambda s: {k: v for k, v in p("train")(s).items() if k in ("n", "seed")},
-              scope="model", external=lambda s, d: {"phases": s.phases}),
-        Stage("train", _run_train, lambda s: {k: v for k, v in p("train")(s).items() if k != "n"},
-              needs=("library",), scope="model", suffix="", ray=True),
-        Stage("integrate", _run_integrate, p("integrate"), external=_raw_inputs),
-        Stage("sinogram", _run_sinogram, p("sinogram"), needs=("integrate",)),
-        Stage("absorption", _run_absorption, lambda s: {k: v for k, v in p("absorption")(s).items() if k != "mu_map"},
-              needs=("sinogram",), enabled=lambda s: s.pipeline.absorption.enabled,
-              external=lambda s, d: {"mu_map": s.pipeline.absorption.mu_map}),
-        Stage("reconstruct", _run_reconstruct, p("reconstruct"), needs=("absorption",)),
-        Stage("denoise", _run_denoise, p("denoise"), needs=("reconstruct",),
+        Stage("library", _run_library, lambda s: s.pipeline.train.library(), scope="model",
+              external=lambda s, d: {"phases": s.phases}),
+        Stage("train", _run_train, lambda s: s.pipeline.train.training(), needs=("library",), scope="model",
+              suffix="", ray=True),
+        Stage("integrate", _run_integrate, _hashed("integrate"), external=_raw_inputs),
+        Stage("sinogram", _run_sinogram, _hashed("sinogram"), needs=("integrate",)),
+        # the μ sources are inputs (hashed by identity), the energy is resolved per dataset
+        Stage("absorption", _run_absorption,
+              lambda s: {k: v for k, v in s.pipeline.absorption.hashed().items() if k not in ("mu_map", "maps")},
+              needs=("sinogram",), enabled=lambda s: s.pipeline.absorption.enabled, external=_absorption_inputs),
+        Stage("reconstruct", _run_reconstruct, _hashed("reconstruct"), needs=("absorption",)),
+        Stage("denoise", _run_denoise, _hashed("denoise"), needs=("absorption", "reconstruct"),
               enabled=lambda s: s.pipeline.denoise.enabled),
-        Stage("analyse", _run_analyse, lambda s: {k: v for k, v in p("analyse")(s).items() if k != "actors"},
-              needs=("denoise", MODEL), ray=True),
-        Stage("report", _run_report, p("report"), scope="report", suffix=""),
+        Stage("analyse", _run_analyse, _hashed("analyse"), needs=("denoise", MODEL), ray=True),
+        Stage("report", _run_report, _hashed("report"), scope="report", suffix=""),
     ]
 
 

@@ -48,30 +48,23 @@ def _root(
 
 
 def _register() -> None:
-    # Sub-apps live next to the code they drive; each module defines ``app`` (a typer.Typer)
-    # or ``register(app)`` for top-level commands.
-    from xrdscale.cli import simulate as simulate_cli
-
-    app.add_typer(simulate_cli.app, name="simulate")
-    for module in _optional_command_modules():
-        module.register(app)
-
-
-def _optional_command_modules() -> list:
+    """Add every command: the stage commands (built from :data:`xrdscale.stages.STAGES`), then
+    each module of this package that defines ``register(app)``, found by walking the package
+    (no hand-kept list: a new command module is picked up by being here)."""
     import importlib
+    import pkgutil
 
-    return [importlib.import_module(name) for name in COMMAND_MODULES]
+    from xrdscale.cli import stages as stage_commands
 
+    stage_commands.register(app)
+    for info in sorted(pkgutil.iter_modules(__path__), key=lambda m: m.name):
+        if info.name in ("stages", "__main__"):
+            continue
+        module = importlib.import_module(f"{__name__}.{info.name}")
+        register = getattr(module, "register", None)
+        if callable(register):
+            register(app)
 
-# Modules that add commands with ``register(app)``; each owns its commands.
-COMMAND_MODULES: list[str] = [
-    "xrdscale.cli.integrate",
-    "xrdscale.cli.reconstruct",
-    "xrdscale.cli.campaign",
-    "xrdscale.cli.demo",
-    "xrdscale.cli.pqnet",
-    "xrdscale.cli.analysis",
-]
 
 _register()
 

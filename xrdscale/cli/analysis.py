@@ -186,7 +186,7 @@ def report_cmd(maps_urls: list[str] = MAPS_ARG,
                title: str = typer.Option("xrdscale report", "--title", help="Report title."),
                phases: str | None = PHASES_OPT) -> None:
     """Write a self-contained HTML report (maps, uncertainty, unrolled views, ROI tables, voltage series)."""
-    from xrdscale.analysis.report import DatasetEntry, write_report
+    from xrdscale.analysis.report import DatasetEntry
 
     if out.endswith(".zarr") or out in maps_urls:
         raise ConfigError(f"the last argument is the report folder; {out!r} looks like a maps store")
@@ -195,10 +195,13 @@ def report_cmd(maps_urls: list[str] = MAPS_ARG,
         else [None] * len(maps)
     entries = [DatasetEntry(id=i, maps_url=u, cycle=cycle, voltage=v, state=m.attrs.get("state"))
                for i, u, v, m in zip(_ids(maps_urls), maps_urls, volts, maps)]
+    from xrdscale.stages.report import report
+
     spec, _ = _rois(rois)
-    url = write_report(entries, out, title=title, rois=spec, centre=_centre(centre), pitch=pitch,
-                       phases=_phases(phases))
-    typer.echo(url)
+    centre_yx = _centre(centre)
+    report(entries, out, title=title, rois=spec, centre=tuple(centre_yx) if centre_yx is not None else None,
+           pitch=pitch or None, phases=_phases(phases))
+    typer.echo(storage.join(out, "report.html"))
 
 
 def register(app: typer.Typer) -> None:

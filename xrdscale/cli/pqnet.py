@@ -8,6 +8,8 @@ from typing import Optional
 
 import typer
 
+from xrdscale.cli.stages import config_from_options, config_parameters
+
 logger = logging.getLogger(__name__)
 
 pqnet_app = typer.Typer(help="PQ-Net: simulated training libraries, deep ensembles, maps from Ray actors.",
@@ -33,32 +35,37 @@ def library_cmd(
     typer.echo(f"wrote library {out}")
 
 
-@pqnet_app.command("train")
-def train_cmd(
-    library: str = typer.Argument(..., help="Library store from 'xrdscale pqnet library'."),
-    model: str = typer.Argument(..., help="Model registry entry to write (folder URL)."),
-    ensemble: int = typer.Option(10, "--ensemble", help="Members of the deep ensemble."),
-    epochs: int = typer.Option(35, "--epochs", help="Maximum epochs per member (early stopping, patience 5)."),
-    batch: int = typer.Option(32, "--batch", help="Batch size."),
-    lr: float = typer.Option(5e-4, "--lr", help="Adam learning rate."),
-    outputs: Optional[str] = typer.Option(None, "--outputs",
-                                          help="Comma-separated outputs: scale, a, c, size_nm or PHASE.PARAM "
-                                               "(default: every label of the library)."),
-    device: str = typer.Option("auto", "--device", help="auto, cpu or cuda."),
-    sequential: bool = typer.Option(False, "--sequential", help="Train members one after the other in this "
-                                                                "process instead of as parallel Ray tasks."),
-    seed: int = typer.Option(0, "--seed", help="Seed of the first member (member i uses seed+i)."),
-) -> None:
+def train_cmd(library: str, model: str, **options) -> None:
     """Train a PQ-Net deep ensemble and write its model registry entry."""
     from xrdscale.pqnet.registry import open_entry
-    from xrdscale.pqnet.train import train_ensemble
+    from xrdscale.stages.train import TrainConfig, train
 
-    entry_id = train_ensemble(library, model, ensemble=ensemble, epochs=epochs, batch=batch, lr=lr,
-                              outputs=[o.strip() for o in outputs.split(",")] if outputs else None,
-                              device=device, parallel=not sequential, seed=seed)
+    config = config_from_options(TrainConfig, options, _TRAIN_YAML)
+    entry_id = train(library, model, config)
     metrics = open_entry(model).metrics
     typer.echo(f"wrote model {entry_id} to {model}; held-out test metrics:")
     typer.echo(json.dumps(metrics["outputs"], indent=1))
+
+
+def _train_signature() -> dict[str, bool]:
+    """``train_cmd`` takes the library and model URLs and every training field of TrainConfig."""
+    import inspect
+
+    from xrdscale.stages.train import LIBRARY_FIELDS, TrainConfig
+
+    fields, yaml_fields = config_parameters(TrainConfig, frozenset(LIBRARY_FIELDS - {"seed"}))
+    args = [inspect.Parameter("library", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+                              default=typer.Argument(..., help="Library store from 'xrdscale pqnet library'.")),
+            inspect.Parameter("model", inspect.Parameter.POSITIONAL_OR_KEYWORD, annotation=str,
+                              default=typer.Argument(..., help="Model registry entry to write (folder URL)."))]
+    params = [*args, *fields]
+    train_cmd.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+    train_cmd.__annotations__ = {p.name: p.annotation for p in params}
+    return yaml_fields
+
+
+_TRAIN_YAML = _train_signature()
+pqnet_app.command("train")(train_cmd)
 
 
 @pqnet_app.command("predict")
@@ -70,11 +77,13 @@ def predict_cmd(
     batch: int = typer.Option(4096, "--batch", help="Patterns per actor call."),
     engine: str = typer.Option("onnx", "--engine", help="Inference engine: onnx or torch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (one GPU per actor)."),
+    ensemble: Optional[int] = typer.Option(None, "--ensemble", help="Use the first N members (default: all)."),
 ) -> None:
     """Predict maps (scale, a, c, size and their ensemble std per phase) from a volume or patterns store."""
     from xrdscale.pqnet.predict import predict
 
-    predict(model, data, out, actors=actors, batch=batch, engine=engine, device=device, progress=True)
+    predict(model, data, out, actors=actors, batch=batch, engine=engine, device=device, members=ensemble,
+            progress=True)
     typer.echo(f"wrote maps {out}")
 
 

@@ -66,3 +66,8 @@ def scan_cmd(
     scan_phantom(ph, raw, f"{stem}.truth.zarr", det, Instrument(WAVELENGTH, *preset.instrument), n_angles=angles,
                  subsets=subsets, truth_q=np.linspace(*LIBRARY_Q), seed=seed, progress=True)
     typer.echo(f"scan written to {raw} (truth {stem}.truth.zarr, geometry {stem}.poni)")
+
+
+def register(root: typer.Typer) -> None:
+    """Add the ``simulate`` sub-app to the ``xrdscale`` command line."""
+    root.add_typer(app, name="simulate")

@@ -15,6 +15,7 @@ stores, markers or logs.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import datetime as _dt
 import json
 import logging
@@ -257,16 +258,126 @@ def begin_store(url: str) -> None:
         clear(url)
 
 
+#: Files of a zarr group's own metadata (v3 and v2), not members of the group.
+_GROUP_FILES = frozenset({"zarr.json", ".zgroup", ".zattrs", ".zmetadata", MARKER})
+
+
+@dataclasses.dataclass(frozen=True)
+class StoreLayout:
+    """What the top level of a zarr store at a URL holds (read without opening it with xarray).
+
+    Attributes
+    ----------
+    zarr_format : int or None
+        2 or 3; None when there is no group metadata (``zarr.json`` or ``.zgroup``).
+    attrs : dict
+        The group's attributes.
+    consolidated : bool
+        The group carries consolidated metadata (``.zmetadata`` or v3 ``consolidated_metadata``).
+    members : tuple of str
+        Names of the entries beside the group metadata (arrays, subgroups).
+    complete : bool
+        The ``.xrdscale-complete`` marker exists.
+    """
+
+    zarr_format: int | None
+    attrs: dict[str, Any]
+    consolidated: bool
+    members: tuple[str, ...]
+    complete: bool
+
+    @property
+    def written_by_xrdscale(self) -> bool:
+        """The group carries xrdscale's provenance attributes (or its completion marker)."""
+        return self.complete or "xrdscale_version" in self.attrs
+
+    @property
+    def partial(self) -> bool:
+        """Started by xrdscale and never completed, or an empty shell of a group.
+
+        :func:`create_store` writes the group, then its attributes, then the arrays, and the
+        marker last: a store interrupted on the way has provenance attributes but no marker,
+        or (interrupted earlier) no group metadata or no members at all.
+        """
+        if self.complete:
+            return False
+        if self.zarr_format is None:
+            return not self.members
+        return not self.members or "xrdscale_version" in self.attrs
+
+
+def store_layout(url: str) -> StoreLayout:
+    """Read the group metadata at the top of the zarr store at ``url``.
+
+    Parameters
+    ----------
+    url : str
+        Store URL (any fsspec URL or local path).
+
+    Returns
+    -------
+    StoreLayout
+
+    Raises
+    ------
+    StorageError
+        The URL cannot be read.
+    """
+    fs, path = filesystem(url)
+    with io_errors(url, "read the store metadata of"):
+        fs.invalidate_cache(path)  # object-store listings are cached; writers use other instances
+        try:
+            names = frozenset(posixpath.basename(p.rstrip("/")) for p in fs.ls(path, detail=False))
+        except (FileNotFoundError, NotADirectoryError):
+            names = frozenset()
+        members = tuple(sorted(n for n in names if n not in _GROUP_FILES))
+        complete = MARKER in names
+        if "zarr.json" in names:
+            meta = _read_json(fs, posixpath.join(path, "zarr.json"))
+            if meta.get("node_type", "group") == "group":
+                return StoreLayout(3, dict(meta.get("attributes") or {}),
+                                   meta.get("consolidated_metadata") is not None, members, complete)
+        elif ".zgroup" in names:
+            attrs = _read_json(fs, posixpath.join(path, ".zattrs")) if ".zattrs" in names else {}
+            return StoreLayout(2, attrs, ".zmetadata" in names, members, complete)
+    return StoreLayout(None, {}, False, members, complete)
+
+
+def _read_json(fs: fsspec.AbstractFileSystem, path: str) -> dict[str, Any]:
+    try:
+        doc = json.loads(fs.cat_file(path))
+    except (ValueError, UnicodeDecodeError):
+        return {}
+    return doc if isinstance(doc, dict) else {}
+
+
+def open_zarr(url: str, *, dask: bool = True, layout: StoreLayout | None = None) -> xr.Dataset:
+    """Open the zarr group at ``url`` with xarray, with no completeness or contract check.
+
+    Consolidated metadata is used when the store has it and not asked for otherwise (no
+    fallback warning for stores written with ``consolidated=False``).
+    """
+    layout = layout or store_layout(url)
+    with io_errors(url, "open the store"):
+        return xr.open_zarr(url, storage_options=storage_options(url) or None, consolidated=layout.consolidated,
+                            **({} if dask else {"chunks": None}))
+
+
 def open_store(url: str, *, require_complete: bool = True, stage: str | None = None,
                dask: bool = True) -> xr.Dataset:
     """Open the zarr store at ``url`` lazily (dask-backed).
+
+    A store xrdscale wrote is only opened once complete (its marker exists). A store that
+    xrdscale did not write (no marker, no provenance attributes) is accepted when it meets
+    the data contract of its kind (see :mod:`xrdscale.io.contracts`): the ``stage`` asked
+    for, else the kind its ``attrs['stage']`` or its variables name.
 
     Parameters
     ----------
     url : str
         Store URL.
     require_complete : bool
-        Refuse stores without a completion marker (default).
+        Refuse stores xrdscale started but never marked complete (default).
     stage : str, optional
         Expected stage name; a store of another stage is refused.
     dask : bool
@@ -279,25 +390,69 @@ def open_store(url: str, *, require_complete: bool = True, stage: str | None = N
     StorageError
         Nothing at ``url`` or it cannot be read.
     IncompleteStoreError
-        The store was never marked complete.
+        xrdscale started the store and never marked it complete.
     InputError
-        The store belongs to another stage.
+        The store belongs to another stage, or (not written by xrdscale) it does not meet
+        the contract of its kind.
     """
     if not exists(url):
         raise StorageError(f"no store at {redact(url)}; check the path or run the stage that writes it")
-    if require_complete and not is_complete(url):
+    layout = store_layout(url)
+    foreign = not layout.written_by_xrdscale and not layout.partial
+    if require_complete and layout.partial:
         raise IncompleteStoreError(
             f"store {redact(url)} is incomplete (no {MARKER} marker): the stage that wrote it was "
             "interrupted or failed; run it again"
         )
-    with io_errors(url, "open the store"):
-        ds = xr.open_zarr(url, storage_options=storage_options(url) or None, consolidated=None,
-                          **({} if dask else {"chunks": None}))
-    if stage is not None and ds.attrs.get("stage") != stage:
+    if layout.zarr_format is None and not layout.partial:
+        raise InputError(f"{redact(url)} is not a zarr store (no zarr.json or .zgroup group metadata); "
+                         "give the folder of a zarr store")
+    ds = open_zarr(url, dask=dask, layout=layout)
+    if layout.zarr_format == 2:
+        _drop_v2_codecs(ds)
+    if foreign:
+        _accept_foreign(ds, url, stage)
+    elif stage is not None and ds.attrs.get("stage") != stage:
         raise InputError(
             f"{redact(url)} is a {ds.attrs.get('stage', 'unknown')!r} store, expected a {stage!r} store"
         )
     return ds
+
+
+def _drop_v2_codecs(ds: xr.Dataset) -> None:
+    """Forget the zarr v2 codecs of a v2 store's variables: stores derived from it are v3."""
+    for var in ds.variables.values():
+        for key in ("compressor", "compressors", "filters", "serializer"):
+            var.encoding.pop(key, None)
+
+
+def _accept_foreign(ds: xr.Dataset, url: str, stage: str | None) -> None:
+    """Check a store xrdscale did not write against its kind's contract; log its acceptance."""
+    from xrdscale.io import contracts
+
+    name = redact(url)
+    own = ds.attrs.get("stage")
+    if stage is not None and own is not None and own != stage:
+        raise InputError(f"{name} is a {own!r} store, expected a {stage!r} store")
+    kind = stage or (own if own in contracts.STORE_KINDS else None) or contracts.dataset_kind(ds)
+    if kind is None:
+        logger.info("%s: not written by xrdscale and of no store kind with a contract; accepted as is", name)
+        return
+    if kind not in contracts.STORE_KINDS:
+        raise InputError(
+            f"{name} was not written by xrdscale (no {MARKER} marker, no provenance attrs) and a {kind!r} "
+            f"store has no data contract to check it against; write it with xrdscale (contracts exist for "
+            f"{', '.join(contracts.STORE_KINDS)})"
+        )
+    problems = contracts.dataset_problems(ds, kind, name)
+    if problems:
+        looks = contracts.dataset_kind(ds)
+        hint = f"; its variables match a {looks!r} store" if looks not in (None, kind) else ""
+        raise InputError(
+            f"{name} was not written by xrdscale and does not meet the {kind!r} store contract{hint} "
+            f"({len(problems)} problem(s)):\n" + "\n".join(f"  {p}" for p in problems)
+        )
+    logger.info("%s: not written by xrdscale; accepted as a %s store (it meets the contract)", name, kind)
 
 
 def write_bytes(url: str, data: bytes) -> None:

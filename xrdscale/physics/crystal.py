@@ -26,11 +26,9 @@ import numpy as np
 import xraylib
 
 from xrdscale.exceptions import InputError
+from xrdscale.physics.constants import AVOGADRO, SEPARATOR, energy_kev
 
 logger = logging.getLogger(__name__)
-
-#: Avogadro's number [1/mol], for densities.
-AVOGADRO = 6.02214076e23
 
 #: Crystal systems whose lattice we vary, with the lattice parameters a user sets.
 LATTICE_KEYS = {"cubic": ("a",), "hexagonal": ("a", "c"), "trigonal": ("a", "c"), "tetragonal": ("a", "c")}
@@ -79,12 +77,16 @@ class AmorphousPeak:
         Peak position [1/Å].
     fwhm : float
         Full width at half maximum [1/Å].
+    composition : (mass_fractions, density), optional
+        Element mass fractions and density [g/cm³], for attenuation
+        (:func:`xrdscale.physics.attenuation.phase_composition`).
     """
 
     name: str
     q: float
     fwhm: float
     lattice_keys: tuple[str, ...] = ()
+    composition: tuple[dict[str, float], float] | None = None
 
 
 @dataclass(frozen=True, eq=False)
@@ -92,7 +94,9 @@ class Phase:
     """A crystalline phase built from a structure with gemmi.
 
     Use :meth:`from_cif` or :func:`builtin_phase`; the dataclass fields are internal.
-    ``cell_contents`` holds the atoms per unit cell by element (occupancies included).
+    ``cell_contents`` holds the atoms per unit cell by element (occupancies included);
+    ``composition`` an optional ``(mass_fractions, density)`` that replaces the
+    structure's for attenuation (from a phase library's ``composition:`` entry).
     """
 
     name: str
@@ -100,6 +104,7 @@ class Phase:
     system: str
     cell_contents: dict[str, float] = field(repr=False)
     source: str = ""
+    composition: tuple[dict[str, float], float] | None = field(default=None, repr=False)
 
     # -- construction ---------------------------------------------------------------
     @classmethod
@@ -315,9 +320,9 @@ def _peak_table(phase: Phase, wavelength: float, q_max: float) -> PeakTable:
     hkl = hkl[[not ops.is_systematically_absent(list(map(int, x))) for x in hkl]]
 
     calc = gemmi.StructureFactorCalculatorX(cell)
-    energy_kev = 12.398419843320026 / wavelength
+    energy = energy_kev(wavelength)
     for el in phase.cell_contents:
-        calc.addends.set(gemmi.Element(el), float(xraylib.Fi(gemmi.Element(el).atomic_number, energy_kev)))
+        calc.addends.set(gemmi.Element(el), float(xraylib.Fi(gemmi.Element(el).atomic_number, energy)))
     f = np.array([calc.calculate_sf_from_small_structure(small, list(map(int, x))) for x in hkl])
     f2 = np.abs(f) ** 2
     if len(f2):
@@ -364,6 +369,6 @@ def builtin_cif(name: str) -> str:
 @functools.lru_cache(maxsize=32)
 def builtin_phase(name: str) -> Phase | AmorphousPeak:
     """One of the 13 phases of the 18650 cell (12 CIFs and the ``separator`` peak)."""
-    if name == "separator":
-        return AmorphousPeak("separator", q=1.525, fwhm=0.03)
+    if name == SEPARATOR.name:
+        return AmorphousPeak(SEPARATOR.name, q=SEPARATOR.q, fwhm=SEPARATOR.fwhm)
     return Phase.from_cif(builtin_cif(name), name)

@@ -1,14 +1,19 @@
 """The pattern model every simulator, training library and fit of xrdscale shares.
 
 ``q = 4π sin θ / λ``. A reflection's integrated intensity is
-``I_hkl = K · scale · m|F|² · LP(θ) / V²`` with ``LP = (1 + cos² 2θ) / (sin² θ cos θ)``
-and ``K = INTENSITY_UNIT`` (a fixed constant: at scale 1 and W = 4·10⁻⁴ deg² the strongest peak of Cu
-reaches ~3·10³ counts, of NCA ~5·10² and of graphite ~1.4·10²). Each peak is a Thompson–Cox–Hastings pseudo-Voigt of
-unit area in 2θ [deg]: Gaussian FWHM ``H_G² = U tan²θ + V tanθ + W`` and Lorentzian FWHM
-``H_L = X / cosθ + (180/π) · 0.9 λ / (L cosθ)`` (Scherrer, L the crystallite size).
+``I_hkl = scale · m|F|² · LP(θ) / V²`` with ``LP = (1 + cos² 2θ) / (sin² θ cos θ)``,
+|F|² in electrons² and V in Å³: the absolute units of shared/DESIGN.md ("Pattern model"),
+with no further constant (K = :data:`xrdscale.physics.constants.INTENSITY_UNIT` = 1), so a
+tool written to that contract computes the same intensity for the same scale (at scale 1, W = 4·10⁻⁴ deg² and a 1000-point grid over q 1.16–3.82 1/Å
+the strongest peak of Cu reaches ~3·10⁶, of NCA ~5·10⁵ and of graphite ~1.4·10⁵). Each peak
+is a Thompson–Cox–Hastings pseudo-Voigt of unit area in 2θ [deg]: Gaussian FWHM
+``H_G² = U tan²θ + V tanθ + W`` and Lorentzian FWHM ``H_L = X / cosθ + (180/π) · 0.9 λ / (L cosθ)``
+(Scherrer, L the crystallite size).
 Profiles are mapped onto the q grid with the Jacobian ``d2θ/dq`` so integrated
 intensities are preserved. A Chebyshev background over the q range and Poisson counting
-noise complete the model. Everything is vectorised over N patterns.
+noise complete the model: a pattern is scaled to a given total number of counts, drawn and
+scaled back, so the noise level is set by the counts alone and the pattern (and its
+``scale`` labels) stays in absolute units. Everything is vectorised over N patterns.
 """
 
 from __future__ import annotations
@@ -25,10 +30,10 @@ from xrdscale.physics.crystal import AmorphousPeak, Phase, cell_volume
 
 logger = logging.getLogger(__name__)
 
-#: Constant K of the integrated intensity (see module docstring).
-INTENSITY_UNIT = 1.0e-2
-#: Integrated intensity [counts · 1/Å] of a non-crystalline peak of scale 1.
-AMORPHOUS_AREA = 2.0
+#: Integrated intensity over q [absolute units · 1/Å] of a non-crystalline peak of scale 1. The
+#: contract fixes only the crystalline intensity; this is xrdscale's choice: at scale 1 the
+#: separator peak holds ~6 % of the intensity graphite has at scale 1 in q 1.16–3.82 1/Å.
+AMORPHOUS_AREA = 200.0
 _DEG = 180.0 / np.pi
 _MAX_FLOATS = 4_000_000  # evaluation block size (floats) that bounds memory per call
 #: Half-width of the window a peak is evaluated on, in FWHM.
@@ -220,8 +225,9 @@ def simulate_patterns(q: np.ndarray, phases: Sequence[Phase | AmorphousPeak],
     True
     """
     q = np.asarray(q, dtype=float)
-    if q.ndim != 1 or q.size < 2 or np.any(np.diff(q) <= 0):
-        raise InputError("q grid must be 1D and strictly increasing")
+    if q.ndim != 1 or q.size < 2 or not np.isfinite(q).all() or np.any(np.diff(q) <= 0):
+        raise InputError(f"q grid must be 1D, finite and strictly increasing with at least 2 points; "
+                         f"{_describe_grid(q)}")
     n = _count(params, background, counts)
     lam = instrument.wavelength
     sin_q = q * lam / (4 * np.pi)
@@ -279,6 +285,20 @@ def add_background_and_noise(patterns: np.ndarray, q: np.ndarray, background: np
     return out.astype(np.float32)
 
 
+def _describe_grid(q: np.ndarray) -> str:
+    """What a bad q grid is, for the error message."""
+    if q.ndim != 1:
+        return f"got an array of shape {q.shape}"
+    if q.size < 2:
+        return f"got {q.size} point(s)"
+    if not np.isfinite(q).all():
+        first = int(np.flatnonzero(~np.isfinite(q))[0])
+        return f"got {int((~np.isfinite(q)).sum())} NaN/infinite value(s), the first at index {first}"
+    bad = int(np.flatnonzero(np.diff(q) <= 0)[0])
+    return (f"got {q.size} points from {q[0]:.6g} to {q[-1]:.6g} 1/Å that stop increasing at index {bad + 1} "
+            f"(q[{bad}] = {q[bad]:.6g}, q[{bad + 1}] = {q[bad + 1]:.6g})")
+
+
 def _count(params: Mapping[str, Mapping[str, np.ndarray]], background: np.ndarray | None,
            counts: np.ndarray | None) -> int:
     for p in params.values():
@@ -304,7 +324,7 @@ def _add_crystalline(out: np.ndarray, q: np.ndarray, tth_q: np.ndarray, jac: np.
     scale = np.broadcast_to(np.asarray(p.get("scale", 1.0), dtype=float), (n,))
     theta = np.arcsin(np.clip(qk * lam / (4 * np.pi), 0, 1))                     # (n, K)
     lp = (1 + np.cos(2 * theta) ** 2) / (np.sin(theta) ** 2 * np.cos(theta))
-    area = INTENSITY_UNIT * scale[:, None] * table.f2m[None, :] / vol[:, None] ** 2 * lp
+    area = scale[:, None] * table.f2m[None, :] / vol[:, None] ** 2 * lp   # I_hkl of DESIGN.md: no extra constant
     size = p.get("size_nm")
     if size is not None:
         size = np.broadcast_to(np.asarray(size, dtype=float), (n,))[:, None]

@@ -17,32 +17,43 @@ Example
     phases:
       NCA: {cif: cif/NCA.cif, scale: [0, 1], a: [2.810, 2.875], c: [14.15, 14.55], size_nm: [60, 1000]}
       Al: {builtin: Al, scale: [0, 1], a: [4.048, 4.052]}
-      separator: {peak: {q: [1.52, 1.53], fwhm: [0.01, 0.05]}, scale: [0, 1]}
+      separator:
+        peak: {q: [1.52, 1.53], fwhm: [0.01, 0.05]}
+        scale: [0, 1]
+        composition: {formula: C2H4, density: 0.94}     # or {elements: {C: 2, H: 4}, density: 0.94}
+
+``composition`` (optional, any phase) gives the element make-up and density [g/cm³] used for
+X-ray attenuation (:mod:`xrdscale.physics.attenuation`): ``elements`` maps element symbols to
+amounts (atoms per formula unit, any normalisation) or ``formula`` is a chemical formula
+(xraylib's parser), never both. A ``peak`` phase has no structure, so its composition needs
+both the make-up and ``density``; a crystalline phase takes what it does not give from its
+structure (cell contents, crystallographic density).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import os
-from typing import Annotated, Any
+from typing import Annotated
 
 import numpy as np
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
-from xrdscale.io import storage
+from xrdscale.config import Model, format_errors
 from xrdscale.exceptions import ConfigError, XrdscaleError
-from xrdscale.physics.pattern import Instrument, add_background_and_noise, simulate_patterns
+from xrdscale.io import storage
+from xrdscale.physics.attenuation import Composition
 from xrdscale.physics.crystal import BUILTIN_PHASES, AmorphousPeak, Phase, builtin_cif
+from xrdscale.physics.pattern import Instrument, add_background_and_noise, simulate_patterns
 
 logger = logging.getLogger(__name__)
 
 Range = Annotated[list[float], Field(min_length=2, max_length=2)]
-
-
-class _Model(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+#: Location parts pydantic adds for validators, left out of the YAML paths of errors.
+_SKIP_LOC = ("function-after",)
 
 
 def _check_range(v: list[float] | None) -> list[float] | None:
@@ -51,7 +62,7 @@ def _check_range(v: list[float] | None) -> list[float] | None:
     return v
 
 
-class QGrid(_Model):
+class QGrid(Model):
     """The q grid of the patterns [1/Å]."""
 
     min: float = Field(gt=0)
@@ -65,7 +76,7 @@ class QGrid(_Model):
         return self
 
 
-class InstrumentSpec(_Model):
+class InstrumentSpec(Model):
     """Instrumental profile: explicit Caglioti parameters or a calibrant pattern to fit them to."""
 
     U: float = 0.0
@@ -85,7 +96,7 @@ class InstrumentSpec(_Model):
         return self
 
 
-class BackgroundSpec(_Model):
+class BackgroundSpec(Model):
     """Chebyshev background; ``amplitude`` is relative to the pattern's maximum."""
 
     chebyshev_order: int = Field(2, ge=0, le=8)
@@ -93,14 +104,14 @@ class BackgroundSpec(_Model):
     _r = field_validator("amplitude")(_check_range)
 
 
-class NoiseSpec(_Model):
+class NoiseSpec(Model):
     """Poisson noise: total counts per pattern drawn log-uniformly from ``counts``."""
 
     counts: Range | None = None
     _r = field_validator("counts")(_check_range)
 
 
-class PeakSpec(_Model):
+class PeakSpec(Model):
     """A non-crystalline single peak: position and width ranges [1/Å]."""
 
     q: Range
@@ -108,8 +119,42 @@ class PeakSpec(_Model):
     _r = field_validator("q", "fwhm")(_check_range)
 
 
-class PhaseSpec(_Model):
-    """One phase: a structure (``cif`` or ``builtin``) or a ``peak``, and sampling ranges."""
+class CompositionSpec(Model):
+    """Element make-up and density of a phase, for X-ray attenuation (see the module docstring)."""
+
+    elements: dict[str, float] | None = Field(None, description="element symbol → atoms per formula unit")
+    formula: str | None = Field(None, description="chemical formula, e.g. LiC6 or C2H4")
+    density: float | None = Field(None, gt=0, lt=30, description="density [g/cm³]")
+
+    @model_validator(mode="after")
+    def _valid(self) -> CompositionSpec:
+        if self.elements is not None and self.formula is not None:
+            raise ValueError("give elements or formula, not both")
+        if self.elements is None and self.formula is None and self.density is None:
+            raise ValueError("give elements (e.g. {Li: 1, C: 6}) or formula (e.g. LiC6), and/or density [g/cm³]")
+        try:  # check the symbols and the formula now, with the YAML path in the message
+            if self.elements is not None:
+                Composition.from_elements(self.elements, 1.0)
+            if self.formula is not None:
+                Composition.from_formula(self.formula, 1.0)
+        except XrdscaleError as exc:
+            raise ValueError(str(exc)) from None
+        return self
+
+    def resolve(self, phase: Phase | AmorphousPeak) -> Composition:
+        """The composition of ``phase``: what this spec gives, the rest from the phase's structure."""
+        if self.elements is not None:
+            fractions = dict(Composition.from_elements(self.elements, 1.0).mass_fractions)
+        elif self.formula is not None:
+            fractions = dict(Composition.from_formula(self.formula, 1.0).mass_fractions)
+        else:
+            fractions = dict(phase.mass_fractions)  # a crystalline phase (peaks need elements or formula)
+        density = self.density if self.density is not None else phase.density()
+        return Composition(fractions, float(density))
+
+
+class PhaseSpec(Model):
+    """One phase: a structure (``cif`` or ``builtin``) or a ``peak``, sampling ranges, an optional composition."""
 
     cif: str | None = None
     builtin: str | None = None
@@ -119,6 +164,7 @@ class PhaseSpec(_Model):
     a: Range | None = None
     c: Range | None = None
     size_nm: Range | None = None
+    composition: CompositionSpec | None = Field(None, description="element make-up and density, for attenuation")
     _r = field_validator("scale", "a", "c", "size_nm")(_check_range)
 
     @model_validator(mode="after")
@@ -130,10 +176,16 @@ class PhaseSpec(_Model):
             raise ValueError(f"unknown builtin phase {self.builtin!r}; choose from {', '.join(BUILTIN_PHASES)}")
         if self.peak is not None and (self.a or self.c or self.size_nm):
             raise ValueError("a peak component has no lattice or size; remove a/c/size_nm")
+        comp = self.composition
+        if self.peak is not None and comp is not None and (comp.density is None
+                                                           or (comp.elements is None and comp.formula is None)):
+            raise ValueError("a peak component has no structure to take its composition from: give "
+                             "composition with elements (or formula) and density, e.g. "
+                             "{elements: {C: 2, H: 4}, density: 0.94}")
         return self
 
 
-class PhaseLibrarySpec(_Model):
+class PhaseLibrarySpec(Model):
     """The validated content of a phase-library YAML file."""
 
     version: int = Field(1, ge=1, le=1)
@@ -146,13 +198,9 @@ class PhaseLibrarySpec(_Model):
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
-    """One line per problem, each with its YAML path."""
-    lines = []
-    for err in exc.errors():
-        loc = ".".join(str(p) for p in err["loc"] if p not in ("function-after",)) or "(top level)"
-        msg = err["msg"].removeprefix("Value error, ")
-        lines.append(f"  {loc}: {msg}")
-    return f"{source} has {len(lines)} problem(s):\n" + "\n".join(lines)
+    """One line per problem, each with its YAML path (and the valid keys of an unknown key)."""
+    lines = format_errors(exc, PhaseLibrarySpec, skip=_SKIP_LOC)
+    return f"{source} has {len(lines)} problem(s):\n" + "\n".join(f"  {line}" for line in lines)
 
 
 class PhaseLibrary:
@@ -166,11 +214,15 @@ class PhaseLibrary:
         Folder (or URL) that relative paths in the spec refer to.
     text : str, optional
         The YAML text it was read from (kept for provenance).
+    source : str, optional
+        What the spec was read from (the file's path or URL), named in error messages.
     """
 
-    def __init__(self, spec: PhaseLibrarySpec, base_dir: str | None = None, text: str | None = None) -> None:
+    def __init__(self, spec: PhaseLibrarySpec, base_dir: str | None = None, text: str | None = None,
+                 source: str | None = None) -> None:
         self.spec = spec
         self.base_dir = base_dir
+        self.source = source or "phase library"
         self.text = text if text is not None else yaml.safe_dump(spec.model_dump(exclude_none=True), sort_keys=False)
         problems = []
         phases: list[Phase | AmorphousPeak] = []
@@ -180,7 +232,7 @@ class PhaseLibrary:
             except XrdscaleError as exc:
                 problems.append(f"  phases.{name}: {exc}")
         if problems:
-            raise ConfigError(f"phase library {base_dir or ''} has {len(problems)} problem(s):\n" + "\n".join(problems))
+            raise ConfigError(f"{self.source} has {len(problems)} problem(s):\n" + "\n".join(problems))
         self.phases = phases
 
     # -- loading ------------------------------------------------------------------------
@@ -197,7 +249,7 @@ class PhaseLibrary:
             raise ConfigError(f"phase library {path!r} does not exist; give the path of a phase-library YAML")
         text = storage.read_bytes(path).decode("utf-8")
         base = os.path.dirname(path.rstrip("/")) if not storage.is_remote(path) else path.rsplit("/", 1)[0]
-        return cls.from_text(text, base_dir=base, source=path)
+        return cls.from_text(text, base_dir=base, source=storage.redact(path))
 
     @classmethod
     def from_text(cls, text: str, base_dir: str | None = None, source: str = "phase library") -> PhaseLibrary:
@@ -212,9 +264,16 @@ class PhaseLibrary:
             spec = PhaseLibrarySpec.model_validate(data)
         except ValidationError as exc:
             raise ConfigError(format_validation_error(exc, source)) from None
-        return cls(spec, base_dir=base_dir, text=text)
+        return cls(spec, base_dir=base_dir, text=text, source=source)
 
     def _build_phase(self, name: str, p: PhaseSpec) -> Phase | AmorphousPeak:
+        phase = self._build_structure(name, p)
+        if p.composition is not None:
+            comp = p.composition.resolve(phase)
+            phase = dataclasses.replace(phase, composition=(dict(comp.mass_fractions), comp.density))
+        return phase
+
+    def _build_structure(self, name: str, p: PhaseSpec) -> Phase | AmorphousPeak:
         if p.peak is not None:
             return AmorphousPeak(name, q=float(np.mean(p.peak.q)), fwhm=float(np.mean(p.peak.fwhm)))
         if p.cif is not None:

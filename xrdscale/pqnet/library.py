@@ -2,10 +2,15 @@
 
 A library store (stage ``pqnet-library``) holds
 
-- ``patterns`` (sample, q) float32 in absolute units, chunked by generation block;
+- ``patterns`` (sample, q) float32 in the absolute units of :mod:`xrdscale.physics.pattern`
+  (``I_hkl = scale · m|F|² · LP / V²``; the Poisson noise is drawn at the library's total
+  counts per pattern and scaled back, so noise level and units are independent), chunked by
+  generation block;
 - one label variable (sample) per predicted (phase, parameter), named ``<phase>__<param>``;
 - ``attrs``: the phase library YAML text (``phases_yaml``), the label list (``labels``, JSON),
-  the generation block size and the seed, plus the usual provenance.
+  the generation block size, the seed and ``intensity_unit`` (the K of the pattern model,
+  :data:`xrdscale.physics.constants.INTENSITY_UNIT`; a store without it was simulated with
+  K = 10⁻²), plus the usual provenance.
 
 Every block of samples is simulated by one Dask task with its own seed
 (``numpy.random.default_rng([seed, block])``), so the library does not depend on the
@@ -26,6 +31,7 @@ import xarray as xr
 import yaml
 
 from xrdscale.io import storage
+from xrdscale.physics.constants import INTENSITY_UNIT
 from xrdscale.exceptions import ConfigError
 from xrdscale.physics.phaselib import PhaseLibrary
 
@@ -74,8 +80,8 @@ def library_text(phases_yaml: str, q_range: tuple[float, float] | None = None, n
     return yaml.safe_dump(data, sort_keys=False)
 
 
-def _load(text: str, base_dir: str | None) -> PhaseLibrary:
-    return PhaseLibrary.from_text(text, base_dir=base_dir)
+def _load(text: str, base_dir: str | None, source: str = "phase library") -> PhaseLibrary:
+    return PhaseLibrary.from_text(text, base_dir=base_dir, source=source)
 
 
 def _simulate_block(text: str, base_dir: str | None, n: int, seed: int, block: int,
@@ -125,7 +131,7 @@ def make_library(phases_yaml: str, out_url: str, *, n: int, q_range: tuple[float
         raise ConfigError(f"library size n={n}; give a positive number of patterns")
     text = library_text(phases_yaml, q_range, npt)
     base_dir = _dirname(phases_yaml)
-    lib = _load(text, base_dir)
+    lib = _load(text, base_dir, storage.redact(phases_yaml))
     q = lib.q
     labels = lib.label_names()
     block = max(1, min(int(block), n))
@@ -138,9 +144,10 @@ def make_library(phases_yaml: str, out_url: str, *, n: int, q_range: tuple[float
     for j, (phase, param) in enumerate(labels):
         data[label_var(phase, param)] = (("sample",), table[:, q.size + j])
     ds = xr.Dataset(data, coords={"q": ("q", q), "sample": np.arange(n)})
-    ds.attrs.update(phases_yaml=text, labels=json.dumps([list(x) for x in labels]), block=block, seed=seed)
+    ds.attrs.update(phases_yaml=text, labels=json.dumps([list(x) for x in labels]), block=block, seed=seed,
+                    intensity_unit=INTENSITY_UNIT)
     config = {"phases": storage.redact(phases_yaml), "n": n, "q_range": q_range, "npt": int(q.size),
-              "seed": seed, "block": block}
+              "seed": seed, "block": block, "intensity_unit": INTENSITY_UNIT}
     logger.info("simulating %d patterns (%d blocks of %d) from %s", n, len(sizes), block, phases_yaml)
     ctx = client.as_current() if client is not None else contextlib.nullcontext()
     with ctx:

@@ -19,6 +19,14 @@ pattern is divided by its mean intensity ``n``; the network predicts standardise
 targets; the outputs are un-standardised and every ``scale`` output is multiplied by
 ``n`` again. A pattern ``k`` times stronger therefore gives ``k`` times the scale
 factors and the same lattice parameters and crystallite sizes.
+
+The absolute units are those of the pattern model of shared/DESIGN.md,
+``I_hkl = scale · m|F|² · LP / V²`` (:mod:`xrdscale.physics.pattern`), and they are the
+library's: the network learns ``scale / n`` from library patterns, so its scale factors are
+in the units its library was simulated in. A model therefore records the intensity constant
+of that pattern model (:attr:`ModelSpec.intensity_unit`, K = 1). Registry entries written
+before it was recorded were trained on libraries with K = 10⁻², whose scale factors are 100
+times those of the contract: :meth:`ModelSpec.from_dict` refuses them (retrain, don't misread).
 """
 
 from __future__ import annotations
@@ -28,6 +36,8 @@ from dataclasses import asdict, dataclass
 
 import torch
 from torch import nn
+
+from xrdscale.physics.constants import INTENSITY_UNIT
 
 logger = logging.getLogger(__name__)
 
@@ -57,6 +67,10 @@ class ModelSpec:
         Kernel sizes of the convolutions of the pattern block and of each phase block.
     dropout : float
         Dropout rate of the parameter block.
+    intensity_unit : float
+        Intensity constant K of the pattern model of the training library
+        (``I_hkl = K · scale · m|F|² · LP / V²``); :data:`xrdscale.physics.constants.INTENSITY_UNIT` (1), the only one
+        a :class:`PQNet` accepts.
     """
 
     phases: tuple[str, ...]
@@ -70,6 +84,7 @@ class ModelSpec:
     pattern_kernels: tuple[int, ...] = (7, 5)
     phase_kernels: tuple[int, ...] = (3, 3, 3)
     dropout: float = 0.1
+    intensity_unit: float = INTENSITY_UNIT
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
@@ -79,8 +94,19 @@ class ModelSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> ModelSpec:
-        """Inverse of :meth:`to_dict`."""
+        """Inverse of :meth:`to_dict`.
+
+        Raises
+        ------
+        ValueError
+            ``d`` has no ``intensity_unit``: a model trained before xrdscale recorded it,
+            on libraries with K = 10⁻², whose scale factors would be 100 times the contract's.
+        """
         d = dict(d)
+        if "intensity_unit" not in d:
+            raise ValueError("the network was trained on patterns of the old intensity constant K = 1e-2 (it records "
+                             "no intensity_unit), so its scale factors would be 100 times those of the pattern "
+                             "model (K = 1)")
         d["phases"] = tuple(d["phases"])
         d["routes"] = tuple((str(p), str(k)) for p, k in d["routes"])
         for key in ("target_mean", "target_std", "pattern_kernels", "phase_kernels"):
@@ -116,6 +142,10 @@ class PQNet(nn.Module):
         super().__init__()
         self.spec = spec
         n_phases = len(spec.phases)
+        if spec.intensity_unit != INTENSITY_UNIT:
+            raise ValueError(f"the network was trained on patterns with intensity constant "
+                             f"K = {spec.intensity_unit:g}; xrdscale's pattern model has K = {INTENSITY_UNIT:g}: "
+                             "retrain it on a new library")
         if spec.pooled_length() < 1:
             raise ValueError(f"npt={spec.npt} is too short for {len(spec.phase_kernels)} pooling layers")
         layers: list[nn.Module] = []

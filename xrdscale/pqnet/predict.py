@@ -10,7 +10,6 @@ not predict a parameter for a phase. No pattern passes through the driver.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 
 import dask.array as da
@@ -39,7 +38,9 @@ def interpolation(q_data: np.ndarray, q_model: np.ndarray, what: str) -> tuple[n
         The model's q range is not inside the data's (half a data step of slack).
     """
     q_data = np.asarray(q_data, dtype=np.float64)
-    tol = 0.5 * float(np.median(np.diff(q_data))) if q_data.size > 1 else 0.0
+    # the data's bins reach half a step beyond their centres; 1e-6 of a step absorbs rounding
+    # (a model grid from edge to edge of the same q range as the integration must pass)
+    tol = (0.5 + 1e-6) * float(np.median(np.diff(q_data))) if q_data.size > 1 else 0.0
     if q_model[0] < q_data[0] - tol or q_model[-1] > q_data[-1] + tol:
         raise InputError(
             f"the model's q grid [{q_model[0]:.4g}, {q_model[-1]:.4g}] 1/Å is not covered by the q range "
@@ -71,8 +72,8 @@ def _predict_block(block: np.ndarray, hi: np.ndarray, w: np.ndarray, names: list
 
 
 def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch: int = 4096, engine: str = "onnx",
-            device: str = "auto", threads: int = 1, pool: ServerPool | None = None, client=None,
-            progress: bool = False) -> str:
+            device: str = "auto", threads: int = 1, members: int | None = None, pool: ServerPool | None = None,
+            client=None, progress: bool = False) -> str:
     """Predict the ``maps`` store of a ``volume`` or ``patterns`` store with a PQ-Net ensemble.
 
     Parameters
@@ -93,6 +94,8 @@ def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch
         Actor device (``auto``: one GPU per actor when Ray has GPUs).
     threads : int
         CPU threads per actor.
+    members : int, optional
+        Use the first ``members`` members of the ensemble (default: all; ignored with ``pool``).
     pool : ServerPool, optional
         Already running actors for this model (they are left running).
     client : distributed.Client, optional
@@ -109,17 +112,51 @@ def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch
     --------
     >>> predict("models/nca", "work/c1/volume.zarr", "work/c1/maps.zarr", actors=2)  # doctest: +SKIP
     """
+    from xrdscale.stages.base import guarded, write_output
+
     entry = open_entry(model_url)
-    ds = storage.open_store(in_url)
+
+    def body() -> str:
+        ds = storage.open_store(in_url)
+        nonlocal pool
+        own = pool is None
+        if own:
+            pool = ServerPool(model_url, actors=actors, engine=engine, device=device, threads=threads,
+                              members=members)
+        try:
+            maps = predict_maps(ds, entry, pool, batch=batch, what=storage.redact(in_url))
+            maps.attrs.update(model=storage.redact(model_url), source=storage.redact(in_url))
+            config = {"model": storage.redact(model_url), "model_id": entry.id, "input": storage.redact(in_url),
+                      "actors": len(pool.names), "batch": batch, "engine": engine, "device": pool.device,
+                      "ensemble": pool.members}
+            return write_output(maps, out_url, kind="maps", config=config, client=client, progress=progress,
+                                label="predict", marker={"model_id": entry.id})
+        finally:
+            if own:
+                pool.close()
+
+    return guarded(out_url, body)
+
+
+def predict_maps(ds: xr.Dataset, entry, pool: ServerPool, *, batch: int = 4096, what: str = "input") -> xr.Dataset:
+    """The lazy ``maps`` Dataset of a ``volume`` or ``patterns`` Dataset, from the actors of ``pool``.
+
+    Compute it while ``pool`` runs. ``attrs`` name the model and the ensemble size used.
+
+    Raises
+    ------
+    InputError
+        No ``intensity(…, q)``, other dims, or a q range that does not cover the model's.
+    """
     stage = ds.attrs.get("stage")
     if "intensity" not in ds or "q" not in ds.coords:
-        raise InputError(f"{storage.redact(in_url)} ({stage!r} store) has no intensity(…, q); give a volume "
+        raise InputError(f"{what} ({stage!r} store) has no intensity(…, q); give a volume "
                          "(y, x, q) or patterns (frame, q) store")
     inten = ds["intensity"]
     pix_dims = inten.dims[:-1]
     if inten.dims[-1] != "q" or pix_dims not in (("y", "x"), ("frame",)):
-        raise InputError(f"{storage.redact(in_url)}: intensity has dims {inten.dims}; expected (y, x, q) or (frame, q)")
-    what = f"{stage or 'input'} store {storage.redact(in_url)}"
+        raise InputError(f"{what}: intensity has dims {inten.dims}; expected (y, x, q) or (frame, q)")
+    what = f"{stage or 'input'} store {what}"
     hi, w = interpolation(ds["q"].values, entry.q, what)
     arr = inten.data
     nq = arr.shape[-1]
@@ -130,23 +167,11 @@ def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch
     else:
         arr = arr.rechunk((min(per, arr.shape[0]), nq))
     routes = entry.spec.routes
-    own = pool is None
-    if own:
-        pool = ServerPool(model_url, actors=actors, engine=engine, device=device, threads=threads)
-    try:
-        pred = da.map_blocks(_predict_block, arr, hi, w, pool.names, pool.address, batch, what,
-                             dtype=np.float32, chunks=(*arr.chunks[:-1], (2 * len(routes),)))
-        maps = _assemble(pred, routes, entry.spec.phases, pix_dims, ds)
-        maps.attrs.update(model_id=entry.id, model=storage.redact(model_url), source=storage.redact(in_url),
-                          source_stage=stage or "")
-        config = {"model": storage.redact(model_url), "model_id": entry.id, "input": storage.redact(in_url),
-                  "actors": len(pool.names), "batch": batch, "engine": engine, "device": pool.device}
-        with _progress(progress and client is None), (client.as_current() if client else contextlib.nullcontext()):
-            storage.write_store(maps, out_url, stage="maps", config=config, marker={"model_id": entry.id})
-    finally:
-        if own:
-            pool.close()
-    return out_url
+    pred = da.map_blocks(_predict_block, arr, hi, w, pool.names, pool.address, batch, what,
+                         dtype=np.float32, chunks=(*arr.chunks[:-1], (2 * len(routes),)))
+    maps = _assemble(pred, routes, entry.spec.phases, pix_dims, ds)
+    maps.attrs.update(model_id=entry.id, source_stage=stage or "", ensemble=int(pool.members))
+    return maps
 
 
 def _assemble(pred, routes, phases, pix_dims, ds) -> xr.Dataset:
@@ -164,11 +189,3 @@ def _assemble(pred, routes, phases, pix_dims, ds) -> xr.Dataset:
         if name != "q" and set(c.dims) <= set(pix_dims):
             coords[name] = c
     return xr.Dataset(data, coords=coords)
-
-
-def _progress(show: bool):
-    if not show:
-        return contextlib.nullcontext()
-    from dask.diagnostics import ProgressBar
-
-    return ProgressBar()

@@ -30,12 +30,31 @@ NAMESPACE = "xrdscale"
 MAX_RESTARTS = 4
 
 
-def load_ensemble(model_url: str, *, engine: str = "onnx", device: str = "cpu", threads: int = 1) -> Ensemble:
-    """Load every member of the registry entry at ``model_url`` into one :class:`Ensemble`."""
+def ensemble_size(model_url: str, members: int | None = None) -> int:
+    """How many members of the entry at ``model_url`` serve (``members`` first ones; default all).
+
+    Raises
+    ------
+    ConfigError
+        ``members`` is more than the entry has.
+    """
+    n = len(open_entry(model_url).members)
+    if members is None:
+        return n
+    if not 1 <= members <= n:
+        raise ConfigError(f"ensemble={members}: the model at {model_url} has {n} member(s); use at most {n} "
+                          "(or leave ensemble unset to use all)")
+    return int(members)
+
+
+def load_ensemble(model_url: str, *, engine: str = "onnx", device: str = "cpu", threads: int = 1,
+                  members: int | None = None) -> Ensemble:
+    """Load the first ``members`` (default: every) member of the entry at ``model_url`` into one :class:`Ensemble`."""
     entry = open_entry(model_url)
-    members = [entry.load_member(i) for i in range(len(entry.members))]
-    onnx = [entry.load_onnx(i) for i in range(len(entry.members))] if engine == "onnx" else None
-    return Ensemble(members, onnx, engine=engine, device=device, threads=threads)
+    n = ensemble_size(model_url, members)
+    members_ = [entry.load_member(i) for i in range(n)]
+    onnx = [entry.load_onnx(i) for i in range(n)] if engine == "onnx" else None
+    return Ensemble(members_, onnx, engine=engine, device=device, threads=threads)
 
 
 class EnsembleServer:
@@ -53,8 +72,8 @@ class EnsembleServer:
         Intra-op threads.
     """
 
-    def __init__(self, model_url: str, engine: str, device: str, threads: int) -> None:
-        self.ensemble = load_ensemble(model_url, engine=engine, device=device, threads=threads)
+    def __init__(self, model_url: str, engine: str, device: str, threads: int, members: int | None = None) -> None:
+        self.ensemble = load_ensemble(model_url, engine=engine, device=device, threads=threads, members=members)
 
     def pid(self) -> int:
         """Process id of the actor (used to check restarts)."""
@@ -81,10 +100,12 @@ class ServerPool:
         ``auto``: one GPU per actor when Ray reports GPUs, CPU otherwise.
     threads : int
         CPUs (and intra-op threads) per actor on CPU.
+    members : int, optional
+        Serve the first ``members`` members of the ensemble (default: all).
     """
 
     def __init__(self, model_url: str, *, actors: int = 1, engine: str = "onnx", device: str = "auto",
-                 threads: int = 1) -> None:
+                 threads: int = 1, members: int | None = None) -> None:
         import ray
 
         if actors < 1:
@@ -92,6 +113,7 @@ class ServerPool:
         if engine not in ENGINES:
             raise ConfigError(f"unknown inference engine {engine!r}; expected one of {', '.join(ENGINES)}")
         open_entry(model_url).verify()  # fail here, with a clear error, on a missing/partial/corrupt entry
+        self.members = ensemble_size(model_url, members)
         if not ray.is_initialized():
             ray.init(include_dashboard=False, log_to_driver=False)
         gpus = ray.cluster_resources().get("GPU", 0)
@@ -106,10 +128,12 @@ class ServerPool:
         cpus = min(float(threads), ray.cluster_resources().get("CPU", 1.0) / actors)
         opts = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": cpus}
         self.handles = [cls.options(name=n, namespace=NAMESPACE, max_restarts=MAX_RESTARTS,
-                                    max_task_retries=MAX_RESTARTS, **opts).remote(model_url, engine, device, threads)
+                                    max_task_retries=MAX_RESTARTS, **opts).remote(model_url, engine, device, threads,
+                                                                                   self.members)
                         for n in self.names]
         ray.get([h.pid.remote() for h in self.handles])
-        logger.info("serving %s from %d actor(s) on %s (%s)", model_url, actors, device, engine)
+        logger.info("serving %s (%d member(s)) from %d actor(s) on %s (%s)", model_url, self.members, actors,
+                    device, engine)
 
     def pids(self) -> list[int]:
         """Process ids of the actors."""

@@ -6,6 +6,14 @@ channel (``astra.data2d.store`` swaps the data in). CPU algorithms (``FBP``, ``S
 with the ``linear`` projector) run everywhere; the CUDA algorithms are only touched after
 ``astra.use_cuda()`` says a GPU is usable (ASTRA's CUDA calls abort the process instead
 of raising on machines without one).
+
+Off-centre translation grids (``Geometry.offset`` ≠ 0) use a ``parallel_vec`` geometry
+whose detector centre is moved by ``offset`` bins (:func:`projection_geometry`).
+``SIRT``, ``BP``, ``FBP_CUDA`` and the ``linear`` projector accept it, but ASTRA's CPU
+``FBP`` only takes ``parallel`` geometries; there the engine ramp-filters the sinograms
+itself (:func:`xrdscale.recon.filters.filter_sinograms`, ASTRA's padding and Ram-Lak
+kernel) and back-projects them with ASTRA's ``BP`` on the shifted geometry, which is the
+same filtered back projection, exact for any offset.
 """
 
 from __future__ import annotations
@@ -15,10 +23,35 @@ import logging
 
 import astra
 import numpy as np
+import torch
 
+from xrdscale.recon.filters import filter_sinograms
 from xrdscale.recon.geometry import Geometry
 
 logger = logging.getLogger(__name__)
+
+
+def volume_geometry(geometry: Geometry) -> dict:
+    """ASTRA volume geometry: ``n_det × n_det`` unit pixels centred on the rotation axis."""
+    return astra.create_vol_geom(geometry.n_det, geometry.n_det)
+
+
+def projection_geometry(geometry: Geometry) -> dict:
+    """ASTRA projection geometry of ``geometry``, unit detector spacing (one step = one pixel).
+
+    A centred grid gives ASTRA's ``parallel`` geometry. An offset grid gives the
+    equivalent ``parallel_vec`` one with the detector centre moved by ``offset`` bins:
+    for angle θ the ray direction is ``(sin θ, −cos θ)``, the detector axis
+    ``u = (cos θ, sin θ)`` and its centre ``d = offset · u``, so bin ``i`` sees the ray
+    ``x cos θ + y sin θ = i − (n_det − 1)/2 + offset`` (ASTRA's ``parallel`` geometry is
+    the same with ``d = 0``).
+    """
+    theta = geometry.angles_rad
+    if geometry.offset == 0.0:
+        return astra.create_proj_geom("parallel", 1.0, geometry.n_det, theta)
+    c, s = np.cos(theta), np.sin(theta)
+    vectors = np.stack([s, -c, geometry.offset * c, geometry.offset * s, c, s], axis=1)
+    return astra.create_proj_geom("parallel_vec", geometry.n_det, vectors)
 
 
 @functools.lru_cache(maxsize=8)
@@ -26,12 +59,15 @@ def astra_geometry(geometry: Geometry) -> tuple[dict, dict, int]:
     """ASTRA ``(vol_geom, proj_geom, projector_id)`` of ``geometry``, built once per process.
 
     The projector is ASTRA's ``linear`` (Joseph) CPU projector with unit detector spacing:
-    one translation step is one pixel.
+    one translation step is one pixel; the detector is shifted by ``geometry.offset``
+    bins (see :func:`projection_geometry`). The cache key is the whole geometry, offset
+    included.
     """
-    vol_geom = astra.create_vol_geom(geometry.n_det, geometry.n_det)
-    proj_geom = astra.create_proj_geom("parallel", 1.0, geometry.n_det, geometry.angles_rad)
+    vol_geom = volume_geometry(geometry)
+    proj_geom = projection_geometry(geometry)
     projector = astra.create_projector("linear", proj_geom, vol_geom)
-    logger.debug("built ASTRA projector for %d angles × %d bins", geometry.n_angles, geometry.n_det)
+    logger.debug("built ASTRA projector for %d angles × %d bins (offset %.4g)", geometry.n_angles,
+                 geometry.n_det, geometry.offset)
     return vol_geom, proj_geom, projector
 
 
@@ -49,7 +85,15 @@ class AstraEngine:
         return bool(astra.use_cuda())
 
     def fbp(self, geometry: Geometry, sino: np.ndarray, filter_name: str) -> np.ndarray:
-        """FBP of every channel of ``sino`` ``(angle, translation, channel)`` → ``(y, x, channel)``."""
+        """FBP of every channel of ``sino`` ``(angle, translation, channel)`` → ``(y, x, channel)``.
+
+        ASTRA's ``FBP`` (``FBP_CUDA`` on a GPU); on the CPU with an off-centre grid, which
+        ASTRA's CPU ``FBP`` refuses, the ramp filter of :mod:`xrdscale.recon.filters`
+        followed by ASTRA's ``BP`` on the shifted geometry.
+        """
+        if geometry.offset != 0.0 and self.device != "cuda":
+            filtered = filter_sinograms(torch.from_numpy(np.ascontiguousarray(sino, dtype=np.float32)), filter_name)
+            return self._run(geometry, filtered.numpy(), "BP", {}, iterations=1)
         return self._run(geometry, sino, "FBP", {"FilterType": filter_name}, iterations=1)
 
     def sirt(self, geometry: Geometry, sino: np.ndarray, iterations: int) -> np.ndarray:

@@ -44,6 +44,7 @@ import psutil
 import torch
 from scipy import sparse
 
+from xrdscale.recon.astra_engine import projection_geometry, volume_geometry
 from xrdscale.recon.filters import filter_sinograms
 from xrdscale.recon.geometry import Geometry
 
@@ -204,9 +205,13 @@ class Operator:
 
 
 def _astra_matrix(geometry: Geometry):
-    """ASTRA's ``linear`` projection matrix (scipy CSR) of ``geometry``; frees the ASTRA objects."""
-    vol_geom = astra.create_vol_geom(geometry.n_det, geometry.n_det)
-    proj_geom = astra.create_proj_geom("parallel", 1.0, geometry.n_det, geometry.angles_rad)
+    """ASTRA's ``linear`` projection matrix (scipy CSR) of ``geometry``; frees the ASTRA objects.
+
+    The geometry is the ``astra`` engine's (:func:`~xrdscale.recon.astra_engine.projection_geometry`):
+    an off-centre grid gives the matrix of the shifted (``parallel_vec``) detector.
+    """
+    vol_geom = volume_geometry(geometry)
+    proj_geom = projection_geometry(geometry)
     projector = astra.create_projector("linear", proj_geom, vol_geom)
     matrix_id = astra.projector.matrix(projector)
     try:
@@ -218,6 +223,7 @@ def _astra_matrix(geometry: Geometry):
 
 @functools.lru_cache(maxsize=2)
 def _build_operator(geometry: Geometry, sirt: bool, spill: bool, device: str) -> Operator:
+    # keyed on the whole (frozen) geometry: angles, bins, step and detector offset
     return Operator(geometry, sirt=sirt, spill=spill, device=device)
 
 

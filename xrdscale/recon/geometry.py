@@ -5,6 +5,15 @@ translation ``t`` is the line ``x cos θ + y sin θ = t``; one translation step 
 pixel, so a reconstruction is the per-pixel density whose ray sums (in pixel-length
 units) give the sinogram. Volumes are returned with ``y`` ascending (ASTRA's image rows
 run from +y down, so rows are flipped once, here).
+
+Off-centre grids. The volume is always ``n_det × n_det`` pixels of one step centred on
+the rotation axis (:meth:`Geometry.pixel_coords`). The translation grid may be shifted
+against it by :attr:`Geometry.offset` steps (bin ``i`` at
+``t = (i − (n_det − 1)/2 + offset) · step``): scikit-image's ``radon`` grid, an even
+number of bins with the axis *on* bin ``n_det // 2``, has ``offset = −1/2``. The engines
+reconstruct such grids exactly with a shifted detector (ASTRA's ``parallel_vec``
+geometry, detector centre moved by ``offset`` bins along the detector), never by
+resampling the sinogram.
 """
 
 from __future__ import annotations
@@ -21,6 +30,14 @@ logger = logging.getLogger(__name__)
 #: the angular span (degrees) a sinogram must cover, as a fraction of 180°
 MIN_COVERAGE = 0.98
 
+#: grid offsets (steps) below this are rounding: the grid counts as centred (offset 0)
+OFFSET_TOLERANCE = 1e-3
+
+#: largest offset of the grid centre from the rotation axis, as a fraction of the grid
+#: width: the axis must lie in the central half of the translation range, so that at
+#: least half of the field of view is seen from every angle
+MAX_OFFSET_FRACTION = 0.25
+
 
 @dataclasses.dataclass(frozen=True)
 class Geometry:
@@ -34,11 +51,16 @@ class Geometry:
         Number of translation steps (detector bins); the volume is ``n_det × n_det``.
     step_mm : float
         Translation step in mm (the pixel size of the volume).
+    offset : float
+        Position of the centre of the translation grid relative to the rotation axis, in
+        steps: bin ``i`` is at ``(i − (n_det − 1)/2 + offset) · step_mm``. 0 for a grid
+        centred on the axis, −0.5 for an even grid with the axis on bin ``n_det // 2``.
     """
 
     angles_deg: tuple[float, ...]
     n_det: int
     step_mm: float = 1.0
+    offset: float = 0.0
 
     @property
     def n_angles(self) -> int:
@@ -53,11 +75,19 @@ class Geometry:
     def subset(self, index: np.ndarray) -> "Geometry":
         """The geometry of the projections ``index`` only."""
         angles = np.asarray(self.angles_deg)[np.asarray(index)]
-        return Geometry(tuple(float(a) for a in angles), self.n_det, self.step_mm)
+        return Geometry(tuple(float(a) for a in angles), self.n_det, self.step_mm, self.offset)
 
     def pixel_coords(self) -> np.ndarray:
         """Pixel centres in mm (the same for ``x`` and ``y``), centred on the rotation axis."""
         return (np.arange(self.n_det) - (self.n_det - 1) / 2.0) * self.step_mm
+
+    def detector_coords(self) -> np.ndarray:
+        """Translation of every detector bin in steps from the rotation axis (``offset`` included)."""
+        return np.arange(self.n_det) - (self.n_det - 1) / 2.0 + self.offset
+
+    def translation_coords(self) -> np.ndarray:
+        """Translation of every detector bin in mm, rotation axis at 0."""
+        return self.detector_coords() * self.step_mm
 
 
 def geometry_from_coords(angle: np.ndarray, translation: np.ndarray, *, what: str = "sinogram") -> Geometry:
@@ -80,7 +110,9 @@ def geometry_from_coords(angle: np.ndarray, translation: np.ndarray, *, what: st
     ------
     InputError
         Angles not ascending in [0, 180) or not covering 180°, translations not evenly
-        spaced or not centred on the rotation axis.
+        spaced, or a grid whose centre is more than :data:`MAX_OFFSET_FRACTION` of its
+        width off the rotation axis. A smaller offset is kept in ``Geometry.offset`` (and
+        logged at INFO) and reconstructed exactly.
     """
     angle = np.asarray(angle, dtype=np.float64)
     translation = np.asarray(translation, dtype=np.float64)
@@ -100,9 +132,17 @@ def geometry_from_coords(angle: np.ndarray, translation: np.ndarray, *, what: st
     if step <= 0 or np.max(np.abs(steps - step)) > 0.01 * step:
         raise InputError(f"{what}: translations must be ascending and evenly spaced, got steps "
                          f"{steps.min():.6g} … {steps.max():.6g} mm; resample the sinogram on a regular grid")
+    n = int(translation.size)
     offset = float(np.mean(translation)) / step
-    if abs(offset) > 0.05:
-        raise InputError(f"{what}: the translation grid is not centred on the rotation axis (its mean is "
-                         f"{offset:.2f} steps off 0); run the sinogram stage with center=auto or crop the "
-                         "sinogram symmetrically about the axis")
-    return Geometry(tuple(float(a) for a in angle), int(translation.size), step)
+    if abs(offset) > MAX_OFFSET_FRACTION * n:
+        raise InputError(f"{what}: the translation grid is centred {offset:.2f} steps ({offset * step:.4g} mm) "
+                         f"off the rotation axis, more than {MAX_OFFSET_FRACTION:g} of its width ({n} steps): "
+                         "too little of the object is seen from every angle to reconstruct it; check that "
+                         "translation 0 is the rotation axis, or run the sinogram stage with center=auto")
+    if abs(offset) < OFFSET_TOLERANCE:
+        offset = 0.0
+    else:
+        logger.info("%s: the translation grid is centred %.4g steps (%.4g mm) off the rotation axis; "
+                    "reconstructing with a detector shifted by that much, the volume centred on the axis",
+                    what, offset, offset * step)
+    return Geometry(tuple(float(a) for a in angle), n, step, offset)

@@ -45,6 +45,8 @@ class Engine(Protocol):
 
 #: engine name -> engine class (constant; engines are not registered by import side effect)
 ENGINES: Mapping[str, type] = types.MappingProxyType({"astra": AstraEngine, "batched": BatchedEngine})
+#: names of the engines (without ``auto``)
+ENGINE_NAMES: tuple[str, ...] = tuple(ENGINES)
 
 
 @dataclasses.dataclass(frozen=True)

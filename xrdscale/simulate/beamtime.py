@@ -13,6 +13,12 @@ Folder layout under ``OUT`` (any fsspec URL)::
 Presets: ``demo`` (1 cycle × 3 voltages, 64² phantom, 40 angles, 128×128-pixel detector;
 well under a minute on 2 cores) and ``paper`` (1 cycle × the 6 voltages of the paper,
 637 translations × 400 angles as 4 × 100 interlaced, Pilatus 2M; for scale tests).
+
+The campaign spec a preset writes carries pipeline settings sized to its data, a
+``pipeline.train`` section above all (:class:`TrainSettings`): the demo's small ensemble
+trains in minutes on 2 cores; the paper's is the paper's recipe (200,000 patterns, 10
+members, up to 35 epochs), hours on a GPU and days on a laptop, like the rest of that preset
+(254,800 Pilatus 2M frames, ~2.5 TB of int32 before compression, per dataset).
 """
 
 from __future__ import annotations
@@ -27,22 +33,43 @@ import yaml
 
 from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError
+from xrdscale.physics.constants import DEFAULT_WAVELENGTH, SEPARATOR
+from xrdscale.physics.crystal import Phase, builtin_cif
+from xrdscale.physics.pattern import Instrument, simulate_patterns
 from xrdscale.simulate import phantom as phantom_mod
 from xrdscale.simulate.geometry import DetectorModel
-from xrdscale.physics.pattern import Instrument, simulate_patterns
-from xrdscale.physics.crystal import Phase, builtin_cif
 from xrdscale.simulate.scan import scan_phantom, simulation_grid
 
 logger = logging.getLogger(__name__)
 
-WAVELENGTH = 0.130509          # Å (95 keV)
+WAVELENGTH = DEFAULT_WAVELENGTH  # Å (95 keV)
 CEO2_A = 5.411651              # Å, NIST SRM 674b
 LIBRARY_Q = (1.16, 3.82, 1000)  # q grid of the 13-phase library [1/Å]
 
 
 @dataclass(frozen=True)
+class TrainSettings:
+    """The ``pipeline.train`` section a preset's campaign spec carries (library size and ensemble).
+
+    ``outputs`` are the scale factors of all 13 phases and the NCA lattice: what the report
+    of a campaign shows.
+    """
+
+    n: int
+    ensemble: int
+    epochs: int
+    seed: int = 0
+    outputs: tuple[str, ...] = ("scale", "NCA.a", "NCA.c")
+
+    def section(self) -> dict:
+        """The YAML mapping of ``pipeline.train``."""
+        return {"n": self.n, "ensemble": self.ensemble, "epochs": self.epochs, "seed": self.seed,
+                "outputs": list(self.outputs)}
+
+
+@dataclass(frozen=True)
 class Preset:
-    """Size of a simulated beamtime."""
+    """Size of a simulated beamtime, and the training its campaign spec asks for."""
 
     size: int
     n_angles: int
@@ -53,14 +80,24 @@ class Preset:
     instrument: tuple[float, float, float, float]   # U, V, W, X
     axis_offset_steps: float
     peak_counts: float
+    train: TrainSettings
+
+    @property
+    def frames_per_dataset(self) -> int:
+        """Detector frames of one dataset (angles × translations)."""
+        return self.n_angles * self.size
 
 
 PRESETS = {
+    # 2 members × ≤ 8 epochs on 5,000 patterns (4,000 for training): the model of `xrdscale demo`
+    # (xrdscale.cli.demo), a few minutes of training on 2 cores.
     "demo": Preset(size=64, n_angles=40, subsets=4, voltages=(2.65, 3.85, 4.2), cycle=1, detector="demo",
-                   instrument=(0.0, 0.0, 4.0e-4, 0.0), axis_offset_steps=1.37, peak_counts=2000.0),
+                   instrument=(0.0, 0.0, 4.0e-4, 0.0), axis_offset_steps=1.37, peak_counts=2000.0,
+                   train=TrainSettings(n=5000, ensemble=2, epochs=8)),
+    # The paper's libraries and ensemble (seed 000: 200,000 patterns, 10 members, < 35 epochs).
     "paper": Preset(size=637, n_angles=400, subsets=4, voltages=phantom_mod.STAGE_VOLTAGES, cycle=7,
                     detector="pilatus2m", instrument=(0.0, 0.0, 1.5e-4, 0.0), axis_offset_steps=3.37,
-                    peak_counts=5000.0),
+                    peak_counts=5000.0, train=TrainSettings(n=200_000, ensemble=10, epochs=35)),
 }
 
 
@@ -148,11 +185,15 @@ def simulate_beamtime(out: str, preset: str = "demo", seed: int = 0, *, progress
         "model": None,
         "cluster": {"kind": "local"},
         "pipeline": {"integrate": {"npt": LIBRARY_Q[2], "q_range": [LIBRARY_Q[0], LIBRARY_Q[1]]},
-                     "sinogram": {"center": "auto"}},
+                     "sinogram": {"center": "auto"},
+                     "train": p.train.section()},
         "cycles": [{"cycle": p.cycle, "datasets": datasets}],
     }
     header = (f"# Simulated beamtime (xrdscale simulate beamtime --preset {preset} --seed {seed}).\n"
-              f"# Truth stores: ../truth/<id>.zarr. Preset: {asdict(p)}\n")
+              f"# Truth stores: ../truth/<id>.zarr. Preset: {asdict(p)}\n"
+              f"# Size: {len(datasets)} dataset(s) of {p.frames_per_dataset} frames of {detector.shape[0]}x"
+              f"{detector.shape[1]} pixels; training: {p.train.n} patterns, {p.train.ensemble} member(s), "
+              f"<= {p.train.epochs} epochs.\n")
     url = storage.join(out, "jobs", f"{campaign}.yaml")
     storage.write_bytes(url, (header + yaml.safe_dump(spec, sort_keys=False)).encode())
     logger.info("beamtime %s: %d datasets, campaign spec %s", preset, len(datasets), storage.redact(url))
@@ -202,8 +243,9 @@ def _write_phase_library(out: str, instrument: Instrument) -> None:
     """The 13-phase library: packaged CIFs copied beside it, ranges covering the phantom's values."""
     phases = {}
     for name in phantom_mod.PHASES:
-        if name == "separator":
-            phases[name] = {"peak": {"q": [1.52, 1.53], "fwhm": [0.01, 0.05]}, "scale": [0.0, 1.0], "absent": ABSENT}
+        if name == SEPARATOR.name:
+            phases[name] = {"peak": {"q": list(SEPARATOR.q_range), "fwhm": list(SEPARATOR.fwhm_range)},
+                            "scale": [0.0, 1.0], "absent": ABSENT}
             continue
         storage.write_bytes(storage.join(out, "phases", "cif", f"{name}.cif"), _read(builtin_cif(name)))
         entry = {"cif": f"cif/{name}.cif", "scale": [0.0, 1.0], "absent": ABSENT}

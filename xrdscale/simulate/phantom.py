@@ -25,12 +25,13 @@ import numpy as np
 import xarray as xr
 
 from xrdscale.exceptions import ConfigError
+from xrdscale.physics.constants import SEPARATOR
 
 logger = logging.getLogger(__name__)
 
 #: Phases of the cell, in the order of the ``phase`` coordinate.
 PHASES = ("Fe", "pin", "Cu", "Al", "NiCu", "NCA", "graphite", "LiC30p", "LiC30", "LiC18", "LiC12", "LiC6",
-          "separator")
+          SEPARATOR.name)
 #: Anode phases in the order of lithiation on charge.
 LIXC = ("graphite", "LiC30p", "LiC30", "LiC18", "LiC12", "LiC6")
 #: Voltages [V] at which the homogeneously lithiated anode is dominated by each LIXC stage (cycle 7 of the paper).
@@ -40,7 +41,7 @@ MATERIALS = ("void", "casing", "pin", "Cu", "anode", "separator", "cathode", "Al
 #: Lithiation regions of the ``region`` map (-1 outside the anode).
 REGIONS = {"HL": 0, "DL": 1, "IN": 2}
 #: Volume fraction of each phase in each material (the rest is electrolyte, binder, pores).
-COMPOSITION = {"casing": {"Fe": 1.0}, "pin": {"pin": 1.0}, "Cu": {"Cu": 1.0}, "separator": {"separator": 0.5},
+COMPOSITION = {"casing": {"Fe": 1.0}, "pin": {"pin": 1.0}, "Cu": {"Cu": 1.0}, "separator": {SEPARATOR.name: 0.5},
                "cathode": {"NCA": 0.6}, "Al": {"Al": 1.0}, "Al_tab": {"Al": 1.0}, "anode_tab": {"NiCu": 1.0}}
 ANODE_FRACTION = 0.65
 #: Ranges of the lattice parameters [Å] and crystallite sizes [nm] the phantom draws from
@@ -291,7 +292,16 @@ def _domain_params(rng: np.random.Generator, voltage: float) -> dict[str, dict[s
 
 
 def _weight_fractions(scale: np.ndarray, lattice: dict[str, np.ndarray]) -> np.ndarray:
-    """Mass fractions among the crystalline phases: volume fraction × density, normalised (separator NaN)."""
+    """Mass fractions among the crystalline phases: volume fraction × density, normalised (separator NaN).
+
+    This is the truth generator's own, independent route to the weight fractions, kept on
+    purpose as an oracle for :func:`xrdscale.analysis.fractions.weight_fractions`: it starts
+    from what the phantom *is* — volume fractions of phases of known crystallographic
+    density ρ = Z·M / (N_A · V), evaluated at each voxel's own lattice — and never touches
+    the Hill & Howard mass factor ``ZMV/V²`` of :mod:`xrdscale.physics.quant` that the
+    analysis applies to scale factors. The two agree because ``scale`` is the volume
+    fraction and ``ZMV/V² = N_A · ρ``; ``tests/test_phantom.py`` checks that they do.
+    """
     from xrdscale.physics.crystal import builtin_phase, cell_volume
 
     mass = np.zeros_like(scale, dtype=np.float64)
@@ -307,5 +317,5 @@ def _weight_fractions(scale: np.ndarray, lattice: dict[str, np.ndarray]) -> np.n
         mass[i][present] = scale[i][present] * rho
     total = mass.sum(axis=0)
     wf = np.where(total > 0, mass / np.where(total > 0, total, 1), np.nan)
-    wf[PHASES.index("separator")] = np.nan
+    wf[PHASES.index(SEPARATOR.name)] = np.nan
     return wf.astype(np.float32)

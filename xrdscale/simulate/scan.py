@@ -193,8 +193,10 @@ def scan_phantom(phantom: xr.Dataset, raw_url: str, truth_url: str, detector: De
     truth_q : ndarray
         q grid [1/Å] of the truth projection.
     i0 : float, optional
-        Mean incident intensity (counts per unit pattern); by default chosen so the
-        strongest pixel expects about ``peak_counts``.
+        Mean incident intensity: detector counts per unit of the absolute pattern intensity
+        (:mod:`xrdscale.physics.pattern`) before solid angle and polarisation; by default
+        chosen so the strongest pixel expects about ``peak_counts`` (the frames' counts then do
+        not depend on the intensity unit, and I0-normalised patterns are in absolute units).
     i0_noise : float
         Relative standard deviation of I0 from frame to frame.
     seed : int

@@ -1,1 +1,90 @@
+"""The stages of xrdscale: one module per stage, each a config model and a lazy transform.
 
+:data:`STAGES` is the table of the array stages that the command line is built from
+(:mod:`xrdscale.cli.stages`); the campaign's stage graph (:mod:`xrdscale.campaign.stages`)
+passes the same config objects (``pipeline.<stage>``) to the same functions. Importing
+this package is light: the table names modules, it does not import them.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Param:
+    """A positional argument or an extra option of a stage command (not a config field)."""
+
+    name: str
+    help: str
+    option: bool = False
+    required: bool = True
+
+
+@dataclass(frozen=True)
+class StageDef:
+    """How a stage appears on the command line.
+
+    Attributes
+    ----------
+    name : str
+        Command name.
+    config : str
+        ``module:Class`` of the stage's config model.
+    run : str
+        ``module:function`` of the stage; called as ``run(*arguments, config=…, client=…, **extras)``.
+    params : sequence of Param
+        Its positional arguments and extra options (inputs such as ``--poni``), in order.
+    help : str
+        One line of help.
+    """
+
+    name: str
+    config: str
+    run: str
+    params: Sequence[Param]
+    help: str
+    exclude: frozenset[str] = field(default_factory=frozenset)  #: config fields the command leaves out
+
+
+STAGES: tuple[StageDef, ...] = (
+    StageDef("integrate", "xrdscale.stages.integrate:IntegrateConfig", "xrdscale.stages.integrate:integrate", (
+        Param("raw", "Raw NeXus/HDF5 file, or a folder/glob of CBF/EDF frames (any fsspec URL)."),
+        Param("out", "Output patterns store (zarr; local path or s3://…)."),
+        Param("poni", "pyFAI PONI file of the detector geometry.", option=True),
+        Param("mask", "Mask image (EDF/TIFF/CBF/NPY, nonzero = masked).", option=True, required=False),
+        Param("positioners", "CSV positioner table (angle, translation, monitor[, file]) of a frame series.",
+              option=True, required=False),
+    ), "Azimuthally integrate every frame of a raw dataset into a patterns store (frame, q), divided by I0."),
+    StageDef("sinogram", "xrdscale.stages.sinogram:SinogramConfig", "xrdscale.stages.sinogram:build_sinogram", (
+        Param("patterns", "Input patterns store (from `xrdscale integrate`)."),
+        Param("out", "Output sinogram store (zarr; local path or s3://…)."),
+    ), "Place patterns by their positioners into sinograms (angle, translation, q), centred, air subtracted."),
+    StageDef("absorption", "xrdscale.stages.absorption:AbsorptionConfig",
+                 "xrdscale.stages.absorption:correct_absorption", (
+                     Param("sinogram", "Input sinogram store."),
+                     Param("out", "Output (corrected) sinogram store."),
+                 ), "Zero-order self-absorption correction: divide every ray by its transmission exp(-∫μ dl).",
+                 exclude=frozenset({"enabled"})),
+    StageDef("reconstruct", "xrdscale.stages.reconstruct:ReconstructConfig",
+                 "xrdscale.stages.reconstruct:reconstruct", (
+                     Param("sinogram", "URL of the sinogram store (angle, translation, q)."),
+                     Param("out", "URL of the volume store to write (y, x, q)."),
+                 ), "Reconstruct every q channel of a sinogram store into a volume store."),
+    StageDef("denoise", "xrdscale.stages.denoise:DenoiseConfig", "xrdscale.stages.denoise:denoise", (
+        Param("sinogram", "URL of the sinogram store the volume was reconstructed from."),
+        Param("volume", "URL of its volume store."),
+        Param("out", "URL of the denoised volume store to write."),
+    ), "Noise2Inverse denoising: train a U-Net on X:1 splits of the projections, apply it to every channel.",
+        exclude=frozenset({"enabled"})),
+)
+
+
+def load(ref: str) -> Any:
+    """The object named by ``module:attribute``."""
+    import importlib
+
+    module, _, attr = ref.partition(":")
+    return getattr(importlib.import_module(module), attr)

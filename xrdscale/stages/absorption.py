@@ -20,99 +20,58 @@ the pipeline again with the new maps.
 
 from __future__ import annotations
 
-import contextlib
 import logging
-from collections.abc import Mapping
+from typing import Any, ClassVar, Literal
 
 import astra
 import numpy as np
 import xarray as xr
-import xraylib
+from pydantic import Field, model_validator
 
 from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
+from xrdscale.physics.attenuation import mu_from_fractions
+# re-exported for callers of the stage module (the definitions live in xrdscale.physics.attenuation)
+from xrdscale.physics.attenuation import AMORPHOUS_COMPOSITION as AMORPHOUS_COMPOSITION
+from xrdscale.physics.attenuation import mass_attenuation as mass_attenuation
+from xrdscale.physics.attenuation import phase_composition as phase_composition
+from xrdscale.physics.constants import DEFAULT_ENERGY_KEV
 from xrdscale.recon.astra_engine import astra_geometry
 from xrdscale.recon.geometry import Geometry
+from xrdscale.stages.base import StageConfig, guarded, runtime_field, write_output
 from xrdscale.stages.reconstruct import open_sinogram
 
 logger = logging.getLogger(__name__)
 
-#: beam energy of the 18650 experiment [keV] (λ = 0.130509 Å)
-DEFAULT_ENERGY_KEV = 12.398419843320026 / 0.130509
-#: composition (element mass fractions) and density [g/cm³] of phases without a crystal
-#: structure: the separator is a polyolefin film (polyethylene, (C2H4)n)
-AMORPHOUS_COMPOSITION: Mapping[str, tuple[Mapping[str, float], float]] = {
-    "separator": ({"C": 0.8563, "H": 0.1437}, 0.94),
-}
 
+class AbsorptionConfig(StageConfig):
+    """Settings of the ``absorption`` stage (``pipeline.absorption`` of a campaign).
 
-def mass_attenuation(mass_fractions: Mapping[str, float], energy_kev: float) -> float:
-    """Total mass attenuation coefficient [cm²/g] of a composition (xraylib, Kissel).
-
-    Parameters
-    ----------
-    mass_fractions : mapping
-        Element symbol → mass fraction.
-    energy_kev : float
-        Photon energy in keV.
+    μ comes from exactly one of ``mu_map`` and ``maps``. In a campaign both may contain
+    ``{dataset}``, replaced by each dataset's id (per-dataset maps from an earlier run).
     """
-    total = 0.0
-    for element, w in mass_fractions.items():
-        try:
-            z = xraylib.SymbolToAtomicNumber(element)
-        except ValueError as exc:
-            raise InputError(f"unknown element {element!r} in a phase composition") from exc
-        total += w * xraylib.CS_Total_Kissel(z, float(energy_kev))
-    return total
 
+    stage: ClassVar[str] = "absorption"
 
-def phase_composition(name: str) -> tuple[Mapping[str, float], float]:
-    """``(mass_fractions, density)`` of a built-in phase of :mod:`xrdscale.physics.crystal`."""
-    if name in AMORPHOUS_COMPOSITION:
-        return AMORPHOUS_COMPOSITION[name]
-    from xrdscale.physics.crystal import builtin_phase
+    enabled: bool = runtime_field(False, "run the stage in a campaign (the functions ignore it)")
+    mu_map: str | None = Field(None, description="linear attenuation map [1/mm] (y, x): a .npy file or a store "
+                                                 "with a `mu` variable, on the reconstruction grid")
+    maps: str | None = Field(None, description="a maps store whose phase fractions give μ (see basis)")
+    energy_kev: float | None = Field(None, gt=0, description="beam energy [keV]; default: from the phase "
+                                                             "library's wavelength, else 95 keV")
+    basis: Literal["volume", "weight"] = Field("volume", description="the maps' `scale` as volume fractions, or "
+                                                                      "`weight_fraction` with a packing fraction")
+    packing: float = Field(1.0, gt=0, le=1, description="volume fraction of solid in a voxel (weight basis)")
+    min_transmission: float = Field(1e-3, gt=0, lt=1, description="rays transmitting less are divided by this")
 
-    phase = builtin_phase(name)
-    return phase.mass_fractions, phase.density()
-
-
-def mu_from_fractions(fractions: Mapping[str, np.ndarray], *, energy_kev: float = DEFAULT_ENERGY_KEV,
-                      basis: str = "volume", packing: float = 1.0,
-                      composition: Mapping[str, tuple[Mapping[str, float], float]] | None = None) -> np.ndarray:
-    """Linear attenuation map μ [1/mm] from per-phase fraction maps.
-
-    Parameters
-    ----------
-    fractions : mapping
-        Phase name → ``(y, x)`` map; NaN counts as 0.
-    energy_kev : float
-        Beam energy.
-    basis : {"volume", "weight"}
-        ``volume``: volume fractions φᵢ, ``μ = Σ φᵢ ρᵢ (μ/ρ)ᵢ``. ``weight``: weight
-        fractions wᵢ of the solid, ``μ = packing · ρ_mix · Σ wᵢ (μ/ρ)ᵢ`` with
-        ``1/ρ_mix = Σ wᵢ/ρᵢ`` (0 where all fractions are 0).
-    packing : float
-        Volume fraction of solid in a voxel (``weight`` basis only).
-    composition : mapping, optional
-        Phase → ``(mass_fractions, density)``; default: the built-in phases.
-    """
-    if basis not in ("volume", "weight"):
-        raise ConfigError(f"unknown fraction basis {basis!r}; expected 'volume' or 'weight'")
-    if not fractions:
-        raise InputError("no phase fraction maps given; give at least one phase")
-    mu_cm = None
-    inv_rho = None
-    for name, frac in fractions.items():
-        mass_fractions, rho = (composition or {}).get(name) or phase_composition(name)
-        f = np.nan_to_num(np.asarray(frac, dtype=np.float64), nan=0.0)
-        mu_rho = mass_attenuation(mass_fractions, energy_kev)
-        term = f * (rho * mu_rho if basis == "volume" else mu_rho)
-        mu_cm = term if mu_cm is None else mu_cm + term
-        inv_rho = f / rho if inv_rho is None else inv_rho + f / rho
-    if basis == "weight":
-        rho_mix = np.divide(1.0, inv_rho, out=np.zeros_like(inv_rho), where=inv_rho > 0)
-        mu_cm = packing * rho_mix * mu_cm
-    return mu_cm / 10.0  # 1/cm -> 1/mm
+    @model_validator(mode="after")
+    def _one_source(self) -> AbsorptionConfig:
+        if self.mu_map and self.maps:
+            raise ValueError("give one of mu_map and maps, not both")
+        if self.enabled and not (self.mu_map or self.maps):
+            raise ValueError("absorption is enabled but neither mu_map nor maps is given; set mu_map to a .npy "
+                             "file or a store with a `mu` (y, x) variable in 1/mm, or maps to a maps store")
+        return self
 
 
 def load_mu_map(mu_map: np.ndarray | str) -> np.ndarray:
@@ -167,9 +126,8 @@ def transmission(mu_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def correct_absorption(sinogram_url: str, out_url: str, *, mu_map: np.ndarray | str | None = None,
-                       maps_url: str | None = None, energy_kev: float = DEFAULT_ENERGY_KEV,
-                       basis: str = "volume", packing: float = 1.0, min_transmission: float = 1e-3,
-                       client=None) -> str:
+                       config: AbsorptionConfig | None = None, client: Any = None, progress: bool = True,
+                       **settings: Any) -> str:
     """Divide every ray of a sinogram store by its transmission (zero-order correction).
 
     Parameters
@@ -178,17 +136,15 @@ def correct_absorption(sinogram_url: str, out_url: str, *, mu_map: np.ndarray | 
         ``sinogram`` store to correct.
     out_url : str
         Destination ``sinogram`` store (same layout and chunks).
-    mu_map : array, str, optional
-        μ [1/mm] ``(y, x)`` on the reconstruction grid (array, ``.npy`` URL or store URL).
-    maps_url : str, optional
-        ``maps`` store to compute μ from (see :func:`mu_from_maps`); exactly one of
-        ``mu_map`` and ``maps_url``.
-    energy_kev, basis, packing
-        See :func:`mu_from_fractions`.
-    min_transmission : float
-        Rays transmitting less are divided by this value instead (keeps noise bounded).
+    mu_map : array or str, optional
+        μ [1/mm] ``(y, x)`` on the reconstruction grid as an array (a URL goes in the config).
+    config : AbsorptionConfig, optional
+        ``mu_map`` or ``maps`` (the source of μ), ``energy_kev``, ``basis``, ``packing``,
+        ``min_transmission``; keyword ``settings`` of the same names override it.
     client : distributed.Client, optional
         Dask client to run on.
+    progress : bool
+        Show progress.
 
     Returns
     -------
@@ -197,29 +153,37 @@ def correct_absorption(sinogram_url: str, out_url: str, *, mu_map: np.ndarray | 
 
     Examples
     --------
-    >>> correct_absorption("work/c1/sinogram.zarr", "work/c1/sino-abs.zarr", maps_url="work/c1/maps.zarr")  # doctest: +SKIP
+    >>> correct_absorption("work/c1/sinogram.zarr", "work/c1/sino-abs.zarr", maps="work/c1/maps.zarr")  # doctest: +SKIP
     """
-    if (mu_map is None) == (maps_url is None):
-        raise ConfigError("give exactly one of a μ map (--mu-map) and a maps store (--maps)")
-    if not 0 < min_transmission < 1:
-        raise ConfigError(f"min_transmission must be in (0, 1), got {min_transmission}")
-    intensity, geometry = open_sinogram(sinogram_url)
-    mu = load_mu_map(mu_map) if mu_map is not None else mu_from_maps(maps_url, energy_kev=energy_kev,
-                                                                      basis=basis, packing=packing)
-    trans = transmission(np.asarray(mu, dtype=np.float64), geometry)
-    logger.info("absorption: transmission %.3g … %.3g over %d rays", trans.min(), trans.max(), trans.size)
-    factor = xr.DataArray((1.0 / np.maximum(trans, min_transmission)).astype(np.float32),
-                          dims=("angle", "translation"))
-    corrected = (intensity * factor).astype(np.float32).transpose("angle", "translation", "q")
-    corrected.attrs = dict(intensity.attrs)
-    out = corrected.to_dataset(name="intensity")
-    out["transmission"] = xr.DataArray(trans.astype(np.float32), dims=("angle", "translation"))
-    out = out.chunk({"angle": -1, "translation": -1, "q": intensity.data.chunksize[2]})
-    for var in out.variables.values():
-        var.encoding.clear()
-    config = {"energy_kev": energy_kev, "source": storage.redact(sinogram_url), "order": 0,
-              "mu": "array" if isinstance(mu_map, np.ndarray) else storage.redact(str(mu_map or maps_url)),
-              "basis": basis if maps_url else None, "packing": packing if maps_url else None,
-              "min_transmission": min_transmission}
-    with client.as_current() if client is not None else contextlib.nullcontext():
-        return storage.write_store(out, out_url, stage="sinogram", config=config)
+    array = mu_map if isinstance(mu_map, np.ndarray) else None
+    if mu_map is not None and array is None:
+        settings["mu_map"] = mu_map
+    cfg = AbsorptionConfig.build(config, **settings)
+    if (array is None and cfg.mu_map is None) == (cfg.maps is None):
+        raise ConfigError("give exactly one source of μ: mu_map (--mu-map: a .npy file or a store with `mu`) "
+                          "or maps (--maps: a maps store)")
+    energy = cfg.energy_kev or DEFAULT_ENERGY_KEV
+
+    def body() -> str:
+        intensity, geometry = open_sinogram(sinogram_url)
+        if cfg.maps is not None:
+            mu = mu_from_maps(cfg.maps, energy_kev=energy, basis=cfg.basis, packing=cfg.packing)
+        else:
+            mu = load_mu_map(array if array is not None else cfg.mu_map)
+        trans = transmission(np.asarray(mu, dtype=np.float64), geometry)
+        logger.info("absorption: transmission %.3g … %.3g over %d rays", trans.min(), trans.max(), trans.size)
+        factor = xr.DataArray((1.0 / np.maximum(trans, cfg.min_transmission)).astype(np.float32),
+                              dims=("angle", "translation"))
+        corrected = (intensity * factor).astype(np.float32).transpose("angle", "translation", "q")
+        corrected.attrs = dict(intensity.attrs)
+        out = corrected.to_dataset(name="intensity")
+        out["transmission"] = xr.DataArray(trans.astype(np.float32), dims=("angle", "translation"))
+        out = out.chunk({"angle": -1, "translation": -1, "q": intensity.data.chunksize[2]})
+        for var in out.variables.values():
+            var.encoding.clear()
+        record = {**cfg.record(), "energy_kev": energy, "source": storage.redact(sinogram_url), "order": 0,
+                  "mu": "array" if array is not None else storage.redact(str(cfg.mu_map or cfg.maps))}
+        return write_output(out, out_url, kind="sinogram", config=record, client=client, progress=progress,
+                            label="absorption")
+
+    return guarded(out_url, body)

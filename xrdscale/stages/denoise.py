@@ -20,48 +20,53 @@ for a CPU demo; the paper used 100 pre-training epochs, 10 per sinogram and batc
 
 from __future__ import annotations
 
-import contextlib
 import copy
-import dataclasses
 import logging
+from typing import Any, ClassVar
 
 import numpy as np
 import torch
 
+from pydantic import Field
+
+from xrdscale.config import one_of
+from xrdscale.exceptions import InputError
 from xrdscale.io import storage
-from xrdscale.exceptions import ConfigError, InputError
-from xrdscale.recon.filters import check_filter
+from xrdscale.recon.filters import FILTERS, check_filter
 from xrdscale.recon.geometry import Geometry
-from xrdscale.recon.registry import Engine, Impl, get_engine
+from xrdscale.recon.registry import DEVICES, ENGINE_NAMES, Engine, Impl, get_engine
+from xrdscale.stages.base import StageConfig, guarded, runtime_field
 from xrdscale.stages.reconstruct import channel_volumes, open_sinogram, write_volume
 from xrdscale.recon.unet import UNet
 
 logger = logging.getLogger(__name__)
 
 
-@dataclasses.dataclass(frozen=True)
-class N2IConfig:
-    """Settings of Noise2Inverse training (see the module docs)."""
+class DenoiseConfig(StageConfig):
+    """Settings of the ``denoise`` stage (``pipeline.denoise`` of a campaign): Noise2Inverse."""
 
-    splits: int = 4
-    realizations: int = 4
-    pretrain_channels: int = 8
-    pretrain_epochs: int = 20
-    finetune_epochs: int = 2
-    batch_size: int = 8
-    lr: float = 1e-3
-    features: int = 16
-    seed: int = 0
+    stage: ClassVar[str] = "denoise"
 
-    def check(self) -> None:
-        """Raise :class:`ConfigError` naming every invalid field."""
-        problems = [f"{k}={getattr(self, k)} (expected ≥ {lo})" for k, lo in
-                    (("splits", 2), ("realizations", 1), ("pretrain_channels", 1), ("pretrain_epochs", 0),
-                     ("finetune_epochs", 0), ("batch_size", 1), ("features", 1)) if getattr(self, k) < lo]
-        if not self.lr > 0:
-            problems.append(f"lr={self.lr} (expected > 0)")
-        if problems:
-            raise ConfigError("invalid Noise2Inverse settings: " + "; ".join(problems))
+    enabled: bool = runtime_field(False, "run the stage in a campaign (the functions ignore it)")
+    splits: int = Field(4, ge=2, description="K: projections split into K subsets, trained K-1:1")
+    realizations: int = Field(4, ge=1, description="random splits per sinogram")
+    pretrain_channels: int = Field(8, ge=1, description="channels sampled for pre-training")
+    pretrain_epochs: int = Field(20, ge=0, description="pre-training epochs")
+    finetune_epochs: int = Field(2, ge=0, description="fine-tuning epochs per chunk of channels")
+    batch_size: int = Field(8, ge=1, description="training batch size")
+    lr: float = Field(1e-3, gt=0, description="Adam learning rate")
+    features: int = Field(16, ge=1, description="U-Net features of the first level")
+    seed: int = Field(0, description="seed of the splits and of the network")
+    filter: one_of(FILTERS, "FBP filter") | None = Field(
+        None, description="FBP filter of the split reconstructions (default: the volume's)")
+    engine: one_of(("auto", *ENGINE_NAMES), "reconstruction engine") = Field("auto", description="as reconstruct")
+    device: one_of(DEVICES, "device") = Field("auto", description="as reconstruct; the network trains on CUDA "
+                                                                   "when torch sees a GPU and device allows it")
+    channels_per_chunk: int | None = runtime_field(None, "channels per fine-tuning task", ge=1)
+
+
+#: the former name of :class:`DenoiseConfig`
+N2IConfig = DenoiseConfig
 
 
 def split_pairs(sino: np.ndarray, geometry: Geometry, engine: Engine, filter_name: str, splits: int,
@@ -92,7 +97,7 @@ def split_pairs(sino: np.ndarray, geometry: Geometry, engine: Engine, filter_nam
     return inputs.astype(np.float32), targets.astype(np.float32), full.astype(np.float32)
 
 
-def training_set(sino: np.ndarray, geometry: Geometry, engine: Engine, filter_name: str, config: N2IConfig,
+def training_set(sino: np.ndarray, geometry: Geometry, engine: Engine, filter_name: str, config: DenoiseConfig,
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Normalised training pairs ``(x, y)`` of shape ``(n, 1, h, w)``, the full FBP and the scales."""
     xs, ys = [], []
@@ -106,7 +111,7 @@ def training_set(sino: np.ndarray, geometry: Geometry, engine: Engine, filter_na
             scale.reshape(-1))
 
 
-def train(net: UNet, x: torch.Tensor, y: torch.Tensor, *, epochs: int, config: N2IConfig, device: str,
+def train(net: UNet, x: torch.Tensor, y: torch.Tensor, *, epochs: int, config: DenoiseConfig, device: str,
           seed: int) -> UNet:
     """Train ``net`` on pairs ``(x, y)`` with the L1 loss and Adam; returns it in eval mode."""
     net = net.to(device).train()
@@ -136,7 +141,7 @@ def apply(net: UNet, images: np.ndarray, scale: np.ndarray, device: str) -> np.n
 
 
 def denoise_block(block: np.ndarray, *, geometry: Geometry, q: np.ndarray, engine: Engine, filter_name: str,
-                  config: N2IConfig, state: dict, device: str, source: str) -> np.ndarray:
+                  config: DenoiseConfig, state: dict, device: str, source: str) -> np.ndarray:
     """Fine-tune the pre-trained network on one chunk of channels and denoise them."""
     if not np.isfinite(block).all():
         raise InputError(f"{source} has NaN or infinite values near q = {np.round(q[:3], 4).tolist()}; "
@@ -150,9 +155,8 @@ def denoise_block(block: np.ndarray, *, geometry: Geometry, q: np.ndarray, engin
     return apply(net, full, scale, device)
 
 
-def denoise(sinogram_url: str, volume_url: str, out_url: str, *, config: N2IConfig | None = None,
-            filter: str | None = None, engine: str = "auto", device: str = "auto",
-            channels_per_chunk: int | None = None, client=None) -> str:
+def denoise(sinogram_url: str, volume_url: str, out_url: str, *, config: DenoiseConfig | None = None,
+            client: Any = None, progress: bool = True, **settings: Any) -> str:
     """Noise2Inverse-denoise every channel of a reconstruction into a new volume store.
 
     Parameters
@@ -161,20 +165,16 @@ def denoise(sinogram_url: str, volume_url: str, out_url: str, *, config: N2IConf
         The ``sinogram`` store the volume was reconstructed from.
     volume_url : str
         Its ``volume`` store (checked for the same grid and q channels; its FBP filter
-        is used unless ``filter`` is given).
+        is used unless the config names one).
     out_url : str
         Destination ``volume`` store.
-    config : N2IConfig, optional
-        Training settings (splits, realizations, epochs, …).
-    filter : str, optional
-        FBP filter of the split reconstructions.
-    engine, device : str
-        Reconstruction engine and device (as :func:`xrdscale.stages.reconstruct.reconstruct`);
-        the network trains on CUDA when torch sees a GPU and ``device`` allows it.
-    channels_per_chunk : int, optional
-        Channels per fine-tuning task.
+    config : DenoiseConfig, optional
+        Training settings (splits, realizations, epochs, …), filter, engine, device and
+        channels per task; keyword ``settings`` of the same names override it.
     client : distributed.Client, optional
         Dask client to run on.
+    progress : bool
+        Show progress.
 
     Returns
     -------
@@ -183,10 +183,14 @@ def denoise(sinogram_url: str, volume_url: str, out_url: str, *, config: N2IConf
 
     Examples
     --------
-    >>> denoise("c1/sinogram.zarr", "c1/volume.zarr", "c1/volume-n2i.zarr", config=N2IConfig(splits=4))  # doctest: +SKIP
+    >>> denoise("c1/sinogram.zarr", "c1/volume.zarr", "c1/volume-n2i.zarr", splits=4)  # doctest: +SKIP
     """
-    config = config or N2IConfig()
-    config.check()
+    config = DenoiseConfig.build(config, **settings)
+    return guarded(out_url, lambda: _denoise(sinogram_url, volume_url, out_url, config, client, progress))
+
+
+def _denoise(sinogram_url: str, volume_url: str, out_url: str, config: DenoiseConfig, client: Any,
+             progress: bool) -> str:
     intensity, geometry = open_sinogram(sinogram_url, dask=False)
     volume = storage.open_store(volume_url, stage="volume")
     if volume["intensity"].shape != (geometry.n_det, geometry.n_det, intensity.sizes["q"]):
@@ -195,10 +199,10 @@ def denoise(sinogram_url: str, volume_url: str, out_url: str, *, config: N2IConf
                          f"({geometry.n_det}, {geometry.n_det}, {intensity.sizes['q']}); give the matching pair")
     import json
 
-    filter = filter or json.loads(volume.attrs.get("config", "{}")).get("filter") or "ram-lak"
+    filter = config.filter or json.loads(volume.attrs.get("config", "{}")).get("filter") or "ram-lak"
     check_filter(filter)
-    recon_engine = get_engine(Impl(engine, device))
-    torch_device = "cuda" if device != "cpu" and torch.cuda.is_available() else "cpu"
+    recon_engine = get_engine(Impl(config.engine, config.device))
+    torch_device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
     rng = np.random.default_rng(config.seed)
     n_q = intensity.sizes["q"]
     sample = np.unique(np.linspace(0, n_q - 1, min(config.pretrain_channels, n_q)).round().astype(int))
@@ -213,11 +217,11 @@ def denoise(sinogram_url: str, volume_url: str, out_url: str, *, config: N2IConf
     net = train(UNet(config.features), x, y, epochs=config.pretrain_epochs, config=config, device=torch_device,
                 seed=config.seed)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
-    denoised = channel_volumes(intensity, geometry, denoise_block, chunk=channels_per_chunk,
+    denoised = channel_volumes(intensity, geometry, denoise_block, chunk=config.channels_per_chunk,
                                engine=recon_engine, filter_name=filter, config=config, state=state,
                                device=torch_device, source=f"sinogram {storage.redact(sinogram_url)}")
-    run_config = {**dataclasses.asdict(config), "filter": filter, "engine": recon_engine.name,
+    run_config = {**config.record(), "filter": filter, "engine": recon_engine.name,
                   "device": torch_device, "source": storage.redact(sinogram_url),
                   "volume": storage.redact(volume_url), "method": "noise2inverse"}
-    with client.as_current() if client is not None else contextlib.nullcontext():
-        return write_volume(denoised, geometry, intensity["q"], out_url, stage="volume", config=run_config)
+    return write_volume(denoised, geometry, intensity["q"], out_url, stage="volume", config=run_config,
+                        client=client, progress=progress, label="denoise")

@@ -48,6 +48,24 @@ class FitResult:
     success: bool
 
 
+#: Floor of the Poisson weights, relative to the pattern's mean intensity.
+WEIGHT_FLOOR = 1e-3
+
+
+def poisson_weights(y: np.ndarray) -> np.ndarray:
+    """Weights ``1/sqrt(y)`` of a pattern in absolute units (∝ Poisson weights ``1/sqrt(counts)``).
+
+    The patterns of the contract are counts times an unknown constant, so the weights are
+    proportional to Poisson weights whatever that constant; the floor (``WEIGHT_FLOOR`` of the
+    mean intensity) is relative too, so a pattern ``k`` times stronger fits to ``k`` times the
+    scale factors with the same lattice parameters and R factor.
+    """
+    y = np.asarray(y, dtype=float)
+    mean = float(np.mean(np.abs(y))) if y.size else 0.0
+    floor = WEIGHT_FLOOR * mean if mean > 0 else 1.0
+    return 1.0 / np.sqrt(np.clip(y, floor, None))
+
+
 def _nonlinear_keys(lib: PhaseLibrary) -> list[tuple[str, str, tuple[float, float]]]:
     keys = []
     for name, p in lib.spec.phases.items():
@@ -87,7 +105,7 @@ def fit_pattern(lib: PhaseLibrary, q: np.ndarray, y: np.ndarray, *, order: int |
     keys = _nonlinear_keys(lib)
     lo = np.array([r[0] for *_, r in keys])
     hi = np.array([r[1] for *_, r in keys])
-    weight = 1.0 / np.sqrt(np.clip(y, 1.0, None))
+    weight = poisson_weights(y)
     x = 2 * (q - q[0]) / (q[-1] - q[0]) - 1
     cheb = np.polynomial.chebyshev.chebvander(x, order)
     names = lib.phase_names

@@ -26,7 +26,8 @@ import os
 import tempfile
 import threading
 from collections.abc import Sequence
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
 import dask
 import dask.array as da
@@ -35,14 +36,49 @@ from dask.highlevelgraph import HighLevelGraph
 import numpy as np
 import xarray as xr
 
+from pydantic import Field, field_validator
+
+from xrdscale.config import one_of
+from xrdscale.exceptions import ConfigError, InputError
 from xrdscale.io import frames as rawframes
 from xrdscale.io import storage
-from xrdscale.exceptions import ConfigError, InputError, StorageError, XrdscaleError
+from xrdscale.stages.base import StageConfig, guarded, runtime_field, write_output
 
 logger = logging.getLogger(__name__)
 
-METHODS = ("trimmed_mean", "mean", "sigma_clip")
+METHODS: tuple[str, ...] = ("trimmed_mean", "mean", "sigma_clip")
 UNIT = "q_A^-1"
+
+
+class IntegrateConfig(StageConfig):
+    """Settings of the ``integrate`` stage (``pipeline.integrate`` of a campaign)."""
+
+    stage: ClassVar[str] = "integrate"
+
+    npt: int = Field(1000, ge=2, description="number of q bins")
+    q_range: tuple[float, float] | None = Field(
+        None, description="q range LOW HIGH in 1/Å, the outer edges of the bins (default: what the unmasked "
+                          "pixels cover)")
+    method: one_of(METHODS, "integration method") = Field("trimmed_mean", description="azimuthal reduction")
+    percentile: tuple[float, float] = Field((10.0, 90.0), description="percentiles kept by trimmed_mean")
+    polarization_factor: float | None = Field(0.99, ge=-1.0, le=1.0,
+                                              description="pyFAI polarisation factor (null: no correction)")
+    sigma_clip_threshold: float = Field(5.0, gt=0, description="clipping threshold of sigma_clip (std devs)")
+    frames_per_chunk: int = runtime_field(64, "frames per Dask task and per zarr chunk", ge=1)
+
+    @field_validator("q_range")
+    @classmethod
+    def _ascending(cls, value: tuple[float, float] | None) -> tuple[float, float] | None:
+        if value is not None and not 0 <= value[0] < value[1]:
+            raise ValueError(f"q_range {list(value)}: expected 0 <= LOW < HIGH in 1/Å")
+        return value
+
+    @field_validator("percentile")
+    @classmethod
+    def _percentiles(cls, value: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= value[0] < value[1] <= 100:
+            raise ValueError(f"percentile {list(value)}: expected two values 0 <= low < high <= 100")
+        return value
 
 
 @dataclass(frozen=True)
@@ -72,6 +108,25 @@ def _load_poni(poni_text: str):
         with open(path, "w") as f:
             f.write(poni_text)
         return pyFAI.load(path)
+
+
+def load_poni(poni_text: str, name: str = "PONI file"):
+    """A pyFAI integrator from PONI text, with a clear error for what pyFAI cannot use.
+
+    Raises
+    ------
+    InputError
+        pyFAI cannot parse the text, or it names no wavelength (q needs one).
+    """
+    try:
+        ai = _load_poni(poni_text)
+    except Exception as exc:
+        raise InputError(f"PONI file {name} cannot be read by pyFAI ({type(exc).__name__}: {exc}); give a "
+                         "pyFAI .poni file (as pyFAI-calib2 writes it)") from exc
+    if not ai.wavelength:
+        raise InputError(f"PONI file {name} has no wavelength; q needs one: add a line 'Wavelength: <metres>' "
+                         "(e.g. 'Wavelength: 1.30509e-11' for 0.130509 Å) or calibrate with pyFAI-calib2")
+    return ai
 
 
 def _load_mask(url: str, shape: tuple[int, int] | None = None) -> np.ndarray:
@@ -191,10 +246,8 @@ def _integrate_block(start: int, monitor: np.ndarray, *, source: rawframes.RawSo
     return out
 
 
-def resolve_spec(scan: rawframes.RawScan, *, poni: str, mask: str | None = None, npt: int = 1000,
-                 q_range: Sequence[float] | None = None, method: str = "trimmed_mean",
-                 percentile: Sequence[float] = (10, 90), polarization_factor: float | None = 0.99,
-                 sigma_clip_threshold: float = 5.0) -> IntegratorSpec:
+def resolve_spec(scan: rawframes.RawScan, *, poni: str, mask: str | None = None,
+                 config: IntegrateConfig | None = None, **settings: Any) -> IntegratorSpec:
     """Validate the integration settings against the dataset and return the task spec.
 
     Parameters
@@ -203,28 +256,23 @@ def resolve_spec(scan: rawframes.RawScan, *, poni: str, mask: str | None = None,
         The opened raw dataset.
     poni : str
         URL of the pyFAI PONI file.
-    mask, npt, q_range, method, percentile, polarization_factor, sigma_clip_threshold
-        As in :func:`integrate`.
+    mask : str, optional
+        URL of the mask image.
+    config : IntegrateConfig, optional
+        The settings; keyword ``settings`` (its field names) override it.
 
     Raises
     ------
     ConfigError
-        An unknown method, a bad npt, percentile or q range.
+        An invalid setting.
     InputError
-        The frames do not match the PONI's detector or the mask, or the mask leaves no pixel.
+        A PONI file pyFAI cannot read or without a wavelength, frames that do not match
+        the PONI's detector or the mask, or a mask or q range that leaves no pixel.
     """
-    if method not in METHODS:
-        raise ConfigError(f"unknown integration method {method!r}; choose one of {', '.join(METHODS)}")
-    if int(npt) < 2:
-        raise ConfigError(f"npt={npt}: the number of q bins must be at least 2")
-    lo_p, hi_p = (float(p) for p in percentile)
-    if not 0 <= lo_p < hi_p <= 100:
-        raise ConfigError(f"percentile={tuple(percentile)}: expected two values 0 <= low < high <= 100")
+    cfg = IntegrateConfig.build(config, **settings)
+    npt, method, (lo_p, hi_p) = cfg.npt, cfg.method, cfg.percentile
     poni_text = storage.read_bytes(poni).decode()
-    try:
-        ai = _load_poni(poni_text)
-    except Exception as exc:
-        raise InputError(f"PONI file {storage.redact(poni)} cannot be read by pyFAI ({exc}); give a pyFAI .poni") from exc
+    ai = load_poni(poni_text, storage.redact(poni))
     shape = scan.source.frame_shape
     det_shape = ai.detector.shape
     if det_shape is not None and tuple(det_shape) != tuple(shape):
@@ -236,18 +284,18 @@ def resolve_spec(scan: rawframes.RawScan, *, poni: str, mask: str | None = None,
     if combined.all():
         raise InputError(f"the mask leaves no valid pixel of {scan.source.name}; check the mask file")
     qvalid = _pixel_q(ai, combined)
+    q_range = cfg.q_range
     if q_range is None:
         q_range = (float(qvalid.min()), float(qvalid.max()))
     lo, hi = (float(v) for v in q_range)
-    if not lo < hi:
-        raise ConfigError(f"q_range={tuple(q_range)}: expected LOW < HIGH in 1/Å")
     if hi < qvalid.min() or lo > qvalid.max():
         raise InputError(f"q range [{lo}, {hi}] 1/Å is outside the detector's coverage "
                          f"[{qvalid.min():.4g}, {qvalid.max():.4g}] 1/Å for {scan.source.name}; every pixel would "
                          "be masked — choose a q range the detector covers")
     return IntegratorSpec(poni=poni_text, mask_url=mask, mask_sha256=mask_sha, frame_shape=tuple(shape),
                           npt=int(npt), q_range=(lo, hi), method=method, percentile=(lo_p, hi_p),
-                          polarization_factor=polarization_factor, sigma_clip_threshold=float(sigma_clip_threshold))
+                          polarization_factor=cfg.polarization_factor,
+                          sigma_clip_threshold=float(cfg.sigma_clip_threshold))
 
 
 def _pixel_q(ai, masked: np.ndarray, max_points: int = 250_000) -> np.ndarray:
@@ -323,11 +371,9 @@ def library_versions() -> dict[str, str]:
             "distributed": distributed.__version__, "xarray": xr.__version__}
 
 
-def integrate(raw_url: str | Sequence[str], out_url: str, *, poni: str, mask: str | None = None, npt: int = 1000,
-              q_range: Sequence[float] | None = None, method: str = "trimmed_mean",
-              percentile: Sequence[float] = (10, 90), polarization_factor: float | None = 0.99,
-              sigma_clip_threshold: float = 5.0, positioners: str | None = None, frames_per_chunk: int = 64,
-              client=None, progress: bool = True) -> str:
+def integrate(raw_url: str | Sequence[str], out_url: str, *, poni: str, mask: str | None = None,
+              positioners: str | None = None, config: IntegrateConfig | None = None, client: Any = None,
+              progress: bool = True, **settings: Any) -> str:
     """Integrate every frame of a raw dataset into a ``patterns`` store.
 
     Parameters
@@ -340,26 +386,16 @@ def integrate(raw_url: str | Sequence[str], out_url: str, *, poni: str, mask: st
         pyFAI PONI file (URL).
     mask : str, optional
         Mask image (fabio format or .npy; nonzero = masked).
-    npt : int
-        Number of q bins.
-    q_range : (float, float), optional
-        q range in 1/Å; default: the range covered by the unmasked pixels.
-    method : {"trimmed_mean", "mean", "sigma_clip"}
-        Azimuthal reduction.
-    percentile : (float, float)
-        Percentiles kept by the trimmed mean.
-    polarization_factor : float or None
-        pyFAI polarisation factor (None: no polarisation correction).
-    sigma_clip_threshold : float
-        Clipping threshold (in standard deviations) of ``sigma_clip``.
     positioners : str, optional
         Positioner table of a frame series.
-    frames_per_chunk : int
-        Frames per task and per zarr chunk.
+    config : IntegrateConfig, optional
+        The settings (npt, q_range, method, percentile, polarization_factor,
+        sigma_clip_threshold, frames_per_chunk); keyword ``settings`` of the same names
+        override it.
     client : distributed.Client, optional
         Dask client; default: the current one, else the local threaded scheduler.
     progress : bool
-        Show a progress bar.
+        Show progress, frame by frame.
 
     Returns
     -------
@@ -371,75 +407,20 @@ def integrate(raw_url: str | Sequence[str], out_url: str, *, poni: str, mask: st
     >>> integrate("raw/c1.nxs", "work/c1/patterns.zarr", poni="calib/id31.poni",
     ...           npt=1000, q_range=(0.5, 3.85))  # doctest: +SKIP
     """
-    storage.begin_store(out_url)  # a failed run must not leave an earlier result looking current
-    scan = rawframes.open_raw(raw_url, positioners)
-    spec = resolve_spec(scan, poni=poni, mask=mask, npt=npt, q_range=q_range, method=method,
-                        percentile=percentile, polarization_factor=polarization_factor,
-                        sigma_clip_threshold=sigma_clip_threshold)
-    ds = patterns_dataset(scan, spec, frames_per_chunk=frames_per_chunk)
-    config = {k: v for k, v in asdict(spec).items() if k != "poni"}
-    config.update(raw=storage.redact(scan.source.url), poni_url=storage.redact(poni), unit=UNIT,
-                  frames_per_chunk=frames_per_chunk,
-                  mask_url=storage.redact(mask) if mask else None)
-    ds.attrs.update(poni=spec.poni, method=method, unit=UNIT, versions=json.dumps(library_versions()))
-    logger.info("integrating %d frames of %s (%s, %d bins) into %s", scan.source.n_frames, scan.source.name,
-                method, spec.npt, storage.redact(out_url))
-    return write_dataset(ds, out_url, stage="patterns", config=config, client=client, progress=progress)
+    cfg = IntegrateConfig.build(config, **settings)
 
+    def body() -> str:
+        scan = rawframes.open_raw(raw_url, positioners)
+        spec = resolve_spec(scan, poni=poni, mask=mask, config=cfg)
+        ds = patterns_dataset(scan, spec, frames_per_chunk=cfg.frames_per_chunk)
+        record = cfg.record()
+        record.update(q_range=list(spec.q_range), mask_sha256=spec.mask_sha256, frame_shape=list(spec.frame_shape),
+                      raw=storage.redact(scan.source.url), poni_url=storage.redact(poni), unit=UNIT,
+                      mask_url=storage.redact(mask) if mask else None)
+        ds.attrs.update(poni=spec.poni, method=cfg.method, unit=UNIT, versions=json.dumps(library_versions()))
+        logger.info("integrating %d frames of %s (%s, %d bins) into %s", scan.source.n_frames, scan.source.name,
+                    cfg.method, spec.npt, storage.redact(out_url))
+        return write_output(ds, out_url, kind="patterns", config=record, client=client, progress=progress,
+                            label="integrate", total=scan.source.n_frames, unit="frames")
 
-def write_dataset(ds: xr.Dataset, url: str, *, stage: str, config: dict, client=None, progress: bool = True) -> str:
-    """Write a Dask-backed Dataset as a store: metadata, chunk-wise data, completion marker last.
-
-    On a user error the partial store is removed and the error re-raised; a store is
-    only ever marked complete after all of its chunks are written.
-    """
-    try:
-        delayed = storage.create_store(ds, url, stage=stage, config=config, compute=False)
-        _compute(delayed, client, progress)
-    except XrdscaleError:
-        _discard(url)
-        raise
-    except OSError as exc:
-        _discard(url)
-        raise StorageError(f"cannot write the {stage} store at {storage.redact(url)}: {exc}") from exc
-    storage.mark_complete(url, {"stage": stage})
-    logger.info("wrote %s store %s", stage, storage.redact(url))
-    return url
-
-
-def _discard(url: str) -> None:
-    try:
-        storage.clear(url)
-    except XrdscaleError:
-        logger.warning("could not remove the incomplete store %s", storage.redact(url))
-
-
-def current_client(client=None):
-    """The given client, else the current distributed client, else None (local scheduler)."""
-    if client is not None:
-        return client
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
-def _compute(delayed, client, progress: bool) -> None:
-    client = current_client(client)
-    if client is None:
-        if progress:
-            from dask.diagnostics import ProgressBar
-
-            with ProgressBar():
-                dask.compute(delayed)
-        else:
-            dask.compute(delayed)
-        return
-    from distributed import progress as dprogress
-
-    future = client.compute(delayed)
-    if progress:
-        dprogress(future)
-    future.result()
+    return guarded(out_url, body)

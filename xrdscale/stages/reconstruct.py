@@ -10,23 +10,44 @@ channels or one block of pixels.
 
 from __future__ import annotations
 
-import contextlib
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, ClassVar
 
 import dask.array as da
 import numpy as np
 import xarray as xr
 
+from pydantic import Field
+
+from xrdscale.config import one_of
+from xrdscale.exceptions import InputError
 from xrdscale.io import storage
-from xrdscale.exceptions import ConfigError, InputError
-from xrdscale.recon.filters import check_filter
+from xrdscale.recon.filters import FILTERS
 from xrdscale.recon.geometry import Geometry, geometry_from_coords
-from xrdscale.recon.registry import Engine, Impl, check_algorithm, get_engine
+from xrdscale.recon.registry import ALGORITHMS, DEVICES, ENGINE_NAMES, Engine, Impl, get_engine
+from xrdscale.stages.base import StageConfig, guarded, runtime_field, write_output
 
 logger = logging.getLogger(__name__)
+
+
+class ReconstructConfig(StageConfig):
+    """Settings of the ``reconstruct`` stage (``pipeline.reconstruct`` of a campaign)."""
+
+    stage: ClassVar[str] = "reconstruct"
+
+    algorithm: one_of(ALGORITHMS, "reconstruction algorithm") = Field(
+        "fbp", description="filtered back projection or SIRT")
+    iterations: int = Field(100, ge=1, description="SIRT iterations (FBP ignores it)")
+    filter: one_of(FILTERS, "FBP filter") = Field("ram-lak", description="FBP filter")
+    engine: one_of(("auto", *ENGINE_NAMES), "reconstruction engine") = Field(
+        "auto", description="auto (batched), astra (one ASTRA call per channel) or batched (one sparse operator "
+                            "for a chunk of channels)")
+    device: one_of(DEVICES, "device") = Field("auto", description="auto, cpu or cuda (CUDA falls back to the "
+                                                                   "CPU with one INFO line)")
+    channels_per_chunk: int | None = runtime_field(None, "channels per task (default: about 64 MiB per task)",
+                                                   ge=1)
 
 #: bytes of one chunk of the volume store (whole q axis, a block of pixels)
 PIXEL_CHUNK_BYTES = 32 * 2**20
@@ -135,7 +156,7 @@ def channel_volumes(intensity: xr.DataArray, geometry: Geometry, func, *, chunk:
 
 
 def write_volume(volume: da.Array, geometry: Geometry, q: xr.DataArray, out_url: str, *, stage: str,
-                 config: Mapping[str, Any]) -> str:
+                 config: Mapping[str, Any], client: Any = None, progress: bool = True, label: str = "") -> str:
     """Write ``(y, x, q)`` channel-chunked data as a per-pixel-chunked store at ``out_url``.
 
     The transpose goes through a temporary zarr store chunked ``(p, p, channel)`` next
@@ -150,9 +171,11 @@ def write_volume(volume: da.Array, geometry: Geometry, q: xr.DataArray, out_url:
     tmp_url = out_url.rstrip("/") + ".channels-tmp"
     storage.begin_store(out_url)  # nothing stale at out_url looks complete while we work
     tmp = xr.Dataset({"intensity": (("y", "x", "q"), volume)}, coords=coords)
-    storage.write_store(tmp, tmp_url, stage=f"{stage}-channels", config=config,
-                        encoding={"intensity": {"chunks": (p, p, volume.chunksize[2]), "compressors": None}})
+    label = label or stage
     try:
+        write_output(tmp, tmp_url, kind=f"{stage}-channels", config=config, client=client, progress=progress,
+                     label=f"{label} (channels)",
+                     encoding={"intensity": {"chunks": (p, p, volume.chunksize[2]), "compressors": None}})
         # one task per output chunk reads its pixel tile of every channel block
         staged = storage.open_store(tmp_url, stage=f"{stage}-channels", dask=False)
         out = staged.chunk({"y": p, "x": p, "q": -1})
@@ -161,38 +184,31 @@ def write_volume(volume: da.Array, geometry: Geometry, q: xr.DataArray, out_url:
         for var in out.variables.values():
             var.encoding.clear()
         out.attrs.clear()
-        storage.write_store(out, out_url, stage=stage, config=config,
-                            encoding={"intensity": {"chunks": (p, p, n_q)}})
+        write_output(out, out_url, kind=stage, config=config, client=client, progress=progress,
+                     label=f"{label} (pixels)", encoding={"intensity": {"chunks": (p, p, n_q)}})
     finally:
         storage.clear(tmp_url)
     return out_url
 
 
-def reconstruct(sinogram_url: str, out_url: str, *, algorithm: str = "fbp", iterations: int = 100,
-                filter: str = "ram-lak", engine: str = "auto", device: str = "auto",
-                channels_per_chunk: int | None = None, client=None) -> str:
+def reconstruct(sinogram_url: str, out_url: str, *, config: ReconstructConfig | None = None, client: Any = None,
+                progress: bool = True, **settings: Any) -> str:
     """Reconstruct every q channel of a sinogram store into a volume store.
 
     Parameters
     ----------
     sinogram_url : str
-        Complete ``sinogram`` store ``(angle, translation, q)``.
+        A ``sinogram`` store ``(angle, translation, q)``.
     out_url : str
         Destination of the ``volume`` store ``(y, x, q)``, coordinates in mm.
-    algorithm : {"fbp", "sirt"}
-        Filtered back projection or SIRT.
-    iterations : int
-        SIRT iterations (ignored by FBP).
-    filter : {"ram-lak", "shepp-logan", "hann"}
-        FBP filter.
-    engine : {"auto", "astra", "batched"}
-        Engine (``auto``: ``batched``, one sparse operator for a chunk of channels).
-    device : {"auto", "cpu", "cuda"}
-        Device; a CUDA request without a usable GPU falls back to the CPU (logged).
-    channels_per_chunk : int, optional
-        Channels per task (default: about 64 MiB of data per task).
+    config : ReconstructConfig, optional
+        ``algorithm`` (fbp, sirt), ``iterations``, ``filter`` (ram-lak, shepp-logan,
+        hann), ``engine`` (auto, astra, batched), ``device`` (auto, cpu, cuda),
+        ``channels_per_chunk``; keyword ``settings`` of the same names override it.
     client : distributed.Client, optional
         Dask client to run on (default: the current one, or the local scheduler).
+    progress : bool
+        Show progress.
 
     Returns
     -------
@@ -203,22 +219,40 @@ def reconstruct(sinogram_url: str, out_url: str, *, algorithm: str = "fbp", iter
     --------
     >>> reconstruct("work/c1/sinogram.zarr", "work/c1/volume.zarr", algorithm="fbp")  # doctest: +SKIP
     """
-    check_algorithm(algorithm)
-    check_filter(filter)
-    if algorithm == "sirt" and iterations < 1:
-        raise ConfigError(f"SIRT needs at least 1 iteration, got iterations={iterations}")
-    if channels_per_chunk is not None and channels_per_chunk < 1:
-        raise ConfigError(f"channels_per_chunk must be ≥ 1, got {channels_per_chunk}")
-    impl_engine = get_engine(Impl(engine, device))
-    intensity, geometry = open_sinogram(sinogram_url, dask=False)
-    config = {"algorithm": algorithm, "iterations": iterations if algorithm == "sirt" else None,
-              "filter": filter if algorithm == "fbp" else None, "engine": impl_engine.name,
-              "device": impl_engine.device, "source": storage.redact(sinogram_url)}
+    cfg = ReconstructConfig.build(config, **settings)
+
+    def body() -> str:
+        intensity, geometry = open_sinogram(sinogram_url, dask=False)
+        volume, record = reconstruct_array(intensity, geometry, cfg, source=f"sinogram {storage.redact(sinogram_url)}")
+        record["source"] = storage.redact(sinogram_url)
+        return write_volume(volume, geometry, intensity["q"], out_url, stage="volume", config=record, client=client,
+                            progress=progress, label="reconstruct")
+
+    return guarded(out_url, body)
+
+
+def reconstruct_array(intensity: xr.DataArray, geometry: Geometry, config: ReconstructConfig, *,
+                      source: str = "sinogram") -> tuple[da.Array, dict[str, Any]]:
+    """The lazy ``(y, x, q)`` reconstruction of ``(angle, translation, q)`` sinograms, and its record.
+
+    Returns
+    -------
+    volume : dask.array.Array
+        Channel-chunked float32.
+    record : dict
+        The settings as used (the resolved engine and device included).
+    """
+    impl_engine = get_engine(Impl(config.engine, config.device))
+    record = {**config.record(), "engine": impl_engine.name, "device": impl_engine.device,
+              "engine_requested": config.engine, "device_requested": config.device}
+    if config.algorithm != "sirt":
+        record["iterations"] = None
+    if config.algorithm != "fbp":
+        record["filter"] = None
     logger.info("reconstructing %d channels of %d × %d angles (%s, %s engine on %s)",
-                intensity.sizes["q"], geometry.n_angles, geometry.n_det, algorithm, impl_engine.name,
+                intensity.sizes["q"], geometry.n_angles, geometry.n_det, config.algorithm, impl_engine.name,
                 impl_engine.device)
-    volume = channel_volumes(intensity, geometry, reconstruct_block, chunk=channels_per_chunk,
-                             engine=impl_engine, algorithm=algorithm, filter_name=filter,
-                             iterations=iterations, source=f"sinogram {storage.redact(sinogram_url)}")
-    with client.as_current() if client is not None else contextlib.nullcontext():
-        return write_volume(volume, geometry, intensity["q"], out_url, stage="volume", config=config)
+    volume = channel_volumes(intensity, geometry, reconstruct_block, chunk=config.channels_per_chunk,
+                             engine=impl_engine, algorithm=config.algorithm, filter_name=config.filter,
+                             iterations=config.iterations, source=source)
+    return volume, record

@@ -30,11 +30,39 @@ import numpy as np
 import scipy.sparse as sp
 import xarray as xr
 
+from typing import Any, ClassVar, Literal
+
+from pydantic import Field, field_validator
+
+from xrdscale.exceptions import InputError
 from xrdscale.io import storage
-from xrdscale.exceptions import ConfigError, InputError
-from xrdscale.stages.integrate import current_client, write_dataset
+from xrdscale.stages.base import StageConfig, current_client, guarded, write_output
 
 logger = logging.getLogger(__name__)
+
+
+class SinogramConfig(StageConfig):
+    """Settings of the ``sinogram`` stage (``pipeline.sinogram`` of a campaign)."""
+
+    stage: ClassVar[str] = "sinogram"
+
+    center: Literal["auto"] | float = Field(
+        "auto", description="rotation axis position in translation units (mm), or auto (centre-of-mass "
+                            "sinusoid fit, sub-pixel)")
+    air_columns: int = Field(5, ge=0, description="sample-free translation positions at each edge of every "
+                                                  "line whose mean pattern is subtracted as air scatter (0: none)")
+    angle_tolerance: float = Field(0.01, gt=0, description="frames closer in angle than this (deg) form one line")
+
+    @field_validator("center", mode="before")
+    @classmethod
+    def _auto_or_number(cls, value: Any) -> Any:
+        if value == "auto" or (isinstance(value, (int, float)) and not isinstance(value, bool)):
+            return value
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            raise ValueError(f"center {value!r}: expected 'auto' or a number (the rotation axis position, mm)") \
+                from None
 
 CHUNK_BYTES = 64 * 2**20
 
@@ -68,7 +96,7 @@ def air_frames(lines: Lines, air_columns: int) -> np.ndarray:
     for m in lines.members:
         if m.size < 2 * air_columns + 2:
             raise InputError(f"a line at angle {lines.angle[len(picks)]:.4g}° has {m.size} positions, too few for "
-                             f"--air-columns {air_columns} at each edge; lower --air-columns")
+                             f"air_columns={air_columns} at each edge; lower air_columns (--air-columns)")
         picks.append(np.concatenate([m[:air_columns], m[-air_columns:]]))
     return np.sort(np.concatenate(picks))
 
@@ -175,28 +203,23 @@ def _apply(block: np.ndarray, air: np.ndarray, W: sp.csr_matrix, n_angle: int, n
     return out.reshape(n_angle, n_u, block.shape[1]).astype(np.float32)
 
 
-def build_sinogram(patterns_url: str, out_url: str, *, center: str | float = "auto", air_columns: int = 5,
-                   angle_tolerance: float = 0.01, client=None, progress: bool = True) -> str:
+def build_sinogram(patterns_url: str, out_url: str, *, config: SinogramConfig | None = None, client: Any = None,
+                   progress: bool = True, **settings: Any) -> str:
     """Build the ``sinogram`` store of a ``patterns`` store.
 
     Parameters
     ----------
     patterns_url : str
-        A complete ``patterns`` store (any fsspec URL).
+        A ``patterns`` store (any fsspec URL).
     out_url : str
         Destination of the ``sinogram`` store.
-    center : "auto" or float
-        Rotation axis position in translation units (mm), or ``"auto"`` to find it from
-        the data (centre-of-mass sinusoid fit, sub-pixel).
-    air_columns : int
-        Number of outermost translation positions at each edge of every line that see
-        only air; their mean pattern is subtracted everywhere (0: no subtraction).
-    angle_tolerance : float
-        Frames whose angles differ by less than this (degrees) belong to the same line.
+    config : SinogramConfig, optional
+        ``center`` ("auto" or the axis position in mm), ``air_columns``,
+        ``angle_tolerance``; keyword ``settings`` of the same names override it.
     client : distributed.Client, optional
         Dask client; default: the current one, else the local threaded scheduler.
     progress : bool
-        Show a progress bar.
+        Show progress.
 
     Returns
     -------
@@ -208,13 +231,31 @@ def build_sinogram(patterns_url: str, out_url: str, *, center: str | float = "au
     --------
     >>> build_sinogram("work/c1/patterns.zarr", "work/c1/sinogram.zarr")  # doctest: +SKIP
     """
-    if center != "auto" and not isinstance(center, (int, float)):
-        raise ConfigError(f"center={center!r}: expected 'auto' or a number (translation units, mm)")
-    if air_columns < 0:
-        raise ConfigError(f"air_columns={air_columns}: expected 0 or more")
-    storage.begin_store(out_url)  # a failed run must not leave an earlier result looking current
-    src = storage.open_store(patterns_url, stage="patterns")
-    name = storage.redact(patterns_url)
+    cfg = SinogramConfig.build(config, **settings)
+
+    def body() -> str:
+        src = storage.open_store(patterns_url, stage="patterns")
+        ds = sinogram_dataset(src, cfg, client=client, name=storage.redact(patterns_url))
+        record = {**cfg.record(), "patterns": storage.redact(patterns_url)}
+        return write_output(ds, out_url, kind="sinogram", config=record, client=client, progress=progress,
+                            label="sinogram")
+
+    return guarded(out_url, body)
+
+
+def sinogram_dataset(src: xr.Dataset, config: SinogramConfig, *, client: Any = None,
+                     name: str = "patterns") -> xr.Dataset:
+    """The lazy ``sinogram`` Dataset of a ``patterns`` Dataset.
+
+    The line totals and the air pattern (one pass over the patterns) are computed here,
+    on ``client``; the placement of every channel block stays lazy.
+
+    Raises
+    ------
+    InputError
+        Non-finite positioners or patterns, or a single rotation angle.
+    """
+    center, air_columns, angle_tolerance = config.center, config.air_columns, config.angle_tolerance
     angle = np.asarray(src["angle"].values, dtype=np.float64)
     translation = np.asarray(src["translation"].values, dtype=np.float64)
     for key, vec in (("angle", angle), ("translation", translation)):
@@ -256,6 +297,4 @@ def build_sinogram(patterns_url: str, out_url: str, *, center: str | float = "au
     ds["translation"].attrs["units"] = "mm"
     ds["angle"].attrs["units"] = "deg"
     ds.attrs.update(center=c, center_method=method, patterns=name)
-    config = {"center": center, "air_columns": air_columns, "angle_tolerance": angle_tolerance,
-              "patterns": name}
-    return write_dataset(ds, out_url, stage="sinogram", config=config, client=client, progress=progress)
+    return ds

@@ -1,0 +1,99 @@
+"""The ``analyse`` stage: PQ-Net maps with weight fractions, from a volume or patterns store.
+
+One lazy composition, written once: :func:`xrdscale.pqnet.predict.predict_maps` (the
+deep ensemble on Ray actors, mean and standard deviation per pixel) and
+:func:`xrdscale.analysis.fractions.with_weight_fractions` (Hill & Howard), computed chunk
+by chunk while the actors run. No scratch store.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from xrdscale.config import one_of
+from xrdscale.io import storage
+from xrdscale.stages.base import StageConfig, guarded, runtime_field, write_output
+
+logger = logging.getLogger(__name__)
+
+#: inference engines of the actors
+INFERENCE_ENGINES: tuple[str, ...] = ("onnx", "torch")
+
+
+class AnalyseConfig(StageConfig):
+    """Settings of the ``analyse`` stage (``pipeline.analyse`` of a campaign)."""
+
+    stage: ClassVar[str] = "analyse"
+
+    ensemble: int | None = Field(None, ge=1, description="members of the model's deep ensemble used for the "
+                                                         "mean and std (the first N; default: all)")
+    actors: int = runtime_field(1, "Ray actors serving the ensemble (each holds every member)", ge=1)
+    batch: int = runtime_field(4096, "patterns per actor call", ge=1)
+    engine: one_of(INFERENCE_ENGINES, "inference engine") = runtime_field("onnx", "inference engine of the actors")
+    device: one_of(("auto", "cpu", "cuda"), "device") = runtime_field("auto", "actor device (auto: a GPU per "
+                                                                              "actor when Ray has GPUs)")
+    threads: int = runtime_field(1, "CPU threads per actor", ge=1)
+
+
+def analyse(model_url: str, in_url: str, out_url: str, *, phases: Mapping[str, Any] | None = None,
+            config: AnalyseConfig | None = None, pool: Any = None, client: Any = None, progress: bool = True,
+            **settings: Any) -> str:
+    """PQ-Net maps with weight fractions of a ``volume`` or ``patterns`` store, as one ``maps`` store.
+
+    Parameters
+    ----------
+    model_url : str
+        PQ-Net model registry entry.
+    in_url : str
+        A ``volume`` (y, x, q) or ``patterns`` (frame, q) store.
+    out_url : str
+        Destination ``maps`` store.
+    phases : mapping, optional
+        Phase name → phase object, for weight fractions of phases that are not built in.
+    config : AnalyseConfig, optional
+        ``ensemble``, ``actors``, ``batch``, ``engine``, ``device``, ``threads``; keyword
+        ``settings`` of the same names override it.
+    pool : ServerPool, optional
+        Running actors of this model (left running); default: started and stopped here.
+    client : distributed.Client, optional
+        Dask client.
+    progress : bool
+        Show progress.
+
+    Returns
+    -------
+    str
+        ``out_url``.
+    """
+    from xrdscale.analysis.fractions import with_weight_fractions
+    from xrdscale.pqnet.predict import predict_maps
+    from xrdscale.pqnet.registry import open_entry
+    from xrdscale.pqnet.serve import ServerPool
+
+    cfg = AnalyseConfig.build(config, **settings)
+
+    def body() -> str:
+        entry = open_entry(model_url)
+        ds = storage.open_store(in_url)
+        own = pool is None
+        actors = pool if pool is not None else ServerPool(model_url, actors=cfg.actors, engine=cfg.engine,
+                                                          device=cfg.device, threads=cfg.threads,
+                                                          members=cfg.ensemble)
+        try:
+            maps = predict_maps(ds, entry, actors, batch=cfg.batch, what=storage.redact(in_url))
+            maps = with_weight_fractions(maps, phases)
+            maps.attrs.update(model=storage.redact(model_url), source=storage.redact(in_url))
+            record = {**cfg.record(), "ensemble": int(actors.members), "ensemble_requested": cfg.ensemble,
+                      "model": storage.redact(model_url), "model_id": entry.id, "input": storage.redact(in_url),
+                      "device": actors.device}
+            return write_output(maps, out_url, kind="maps", config=record, client=client, progress=progress,
+                                label="analyse", marker={"model_id": entry.id})
+        finally:
+            if own:
+                actors.close()
+
+    return guarded(out_url, body)

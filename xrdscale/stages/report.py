@@ -1,0 +1,71 @@
+"""The ``report`` stage: the campaign's HTML report over the ``maps`` of its datasets.
+
+:func:`xrdscale.analysis.report.write_report` makes the report; :func:`report` writes it
+as a folder with the completion marker last, removed again on failure, whether it runs
+from a campaign or from ``xrdscale report``.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping, Sequence
+from typing import Any, ClassVar
+
+from pydantic import Field
+
+from xrdscale.io import storage
+from xrdscale.stages.base import StageConfig, guarded
+
+logger = logging.getLogger(__name__)
+
+
+class ReportConfig(StageConfig):
+    """Settings of the ``report`` stage (``pipeline.report`` of a campaign)."""
+
+    stage: ClassVar[str] = "report"
+
+    rois: dict[str, dict[str, Any]] | None = Field(
+        None, description="ROI spec of the report (xrdscale.analysis.roi); default: the report's own; {} for none")
+    centre: tuple[float, float] | None = Field(None, description="jelly-roll centre (y, x) in mm for the unrolled "
+                                                                 "views (default: found from the maps)")
+    pitch: float | None = Field(None, ge=0, description="spiral pitch in mm per turn (default: estimated)")
+
+
+def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None = None, title: str = "xrdscale report",
+           model: Mapping[str, Any] | None = None, phases: Mapping[str, Any] | None = None,
+           progress: bool = True, **settings: Any) -> str:
+    """Write the report folder ``out_url`` (``report.html``, figures, ROI table), marker last.
+
+    Parameters
+    ----------
+    entries : sequence
+        :class:`xrdscale.analysis.report.DatasetEntry` (or mappings) of every dataset.
+    out_url : str
+        Output folder.
+    config : ReportConfig, optional
+        ``rois``, ``centre``, ``pitch``; keyword ``settings`` of the same names override it.
+    title : str
+        Report title.
+    model : mapping, optional
+        Model information for the provenance section.
+    phases : mapping, optional
+        Phase objects for weight fractions of phases that are not built in.
+    progress : bool
+        Show progress.
+
+    Returns
+    -------
+    str
+        ``out_url``.
+    """
+    from xrdscale.analysis.report import write_report
+
+    cfg = ReportConfig.build(config, **settings)
+
+    def body() -> str:
+        write_report(entries, out_url, title=title, model=model, rois=cfg.rois, centre=cfg.centre,
+                     pitch=cfg.pitch or None, phases=phases, progress=progress)
+        storage.mark_complete(out_url, {"stage": "report", "config": cfg.record()})
+        return out_url
+
+    return guarded(out_url, body)
