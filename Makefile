@@ -6,7 +6,7 @@ STAMP := $(VENV)/.xrdscale-installed
 DEMO_DIR ?= demo-beamtime
 PYTEST_ARGS ?=
 
-.PHONY: demo test install bench clean
+.PHONY: demo test lint install bench clean
 
 $(PY):
 	$(PYTHON) -m venv $(VENV)
@@ -22,8 +22,13 @@ install: $(STAMP)
 demo: $(STAMP)
 	$(VENV)/bin/xrdscale demo $(DEMO_DIR)
 
-test: $(STAMP)
+test: $(STAMP) lint
 	$(PY) -m pytest $(PYTEST_ARGS)
+
+# ruff (style, import order, absolute imports) and mypy (types) on the package
+lint: $(STAMP)
+	$(VENV)/bin/ruff check xrdscale
+	$(VENV)/bin/mypy
 
 bench: $(STAMP)
 	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done

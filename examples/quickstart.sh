@@ -13,5 +13,8 @@ xrdscale pqnet library "$OUT/phases/cell18650.yaml" "$OUT/work/library.zarr" --n
 xrdscale pqnet train "$OUT/work/library.zarr" "$OUT/work/model" --ensemble 2 --epochs 5 --outputs scale
 xrdscale pqnet predict "$OUT/work/model" "$OUT/work/$ID/volume.zarr" "$OUT/work/$ID/maps.zarr"
 xrdscale report "$OUT/work/$ID/maps.zarr" "$OUT/work/report"
-python ../shared/tools/check_contracts.py maps "$OUT/work/$ID/maps.zarr" 2>/dev/null || true
+# every input and output against its data contract (exits 1 naming any problem)
+xrdscale check "$OUT/jobs/demo-18650.yaml" "$OUT/phases/cell18650.yaml" "$OUT/raw/$ID.nxs" \
+    "$OUT/work/$ID/patterns.zarr" "$OUT/work/$ID/sinogram.zarr" "$OUT/work/$ID/volume.zarr" \
+    "$OUT/work/model" "$OUT/work/$ID/maps.zarr" "$OUT/truth/$ID.zarr"
 echo "maps: $OUT/work/$ID/maps.zarr  report: $OUT/work/report/report.html  truth: $OUT/truth/$ID.zarr"

@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import subprocess
 import sys
-from pathlib import Path
 
 import numpy as np
 import pytest
 import yaml
 
-from xrdscale.io import storage
-
-CHECK = Path("/work/shared/tools/check_contracts.py")
+from xrdscale.io import contracts, storage
 
 
 def cli(*args: str) -> subprocess.CompletedProcess:
@@ -39,8 +36,8 @@ def test_demo_beamtime_end_to_end(tmp_path):
     ranges = yaml.safe_load((base / spec["phases"]).read_text())["phases"]
     for d in datasets:
         raw = base / d["raw"]
-        ok = subprocess.run([sys.executable, str(CHECK), "raw", str(raw)], capture_output=True, text=True)
-        assert ok.returncode == 0, ok.stdout
+        problems = contracts.check_raw(str(raw))
+        assert problems == [], problems
         truth = storage.open_store(str(out / "truth" / f"{d['id']}.zarr"), stage="truth")
         assert truth.attrs["voltage"] == d["voltage"]
         # the phase library covers every value of the phantom (absolute scale units)
@@ -53,6 +50,13 @@ def test_demo_beamtime_end_to_end(tmp_path):
                     v = truth[var].sel(phase=name).values
                     v = v[np.isfinite(v)]
                     assert v.size == 0 or (v.min() >= ranges[name][key][0] and v.max() <= ranges[name][key][1])
+    # the spec carries training settings sized to the demo: the small ensemble of `xrdscale demo`
+    from xrdscale.campaign.spec import load_spec
+    from xrdscale.cli.demo import DEMO_PIPELINE
+    from xrdscale.simulate.beamtime import PRESETS
+
+    assert spec["pipeline"]["train"] == PRESETS["demo"].train.section() == DEMO_PIPELINE["train"]
+    assert load_spec(str(spec_path)).pipeline.train.n == 5000
     # the CeO2 calibration pattern peaks where pyFAI's calibrant library puts the CeO2 lines
     q, inten = np.loadtxt(out / "calib" / "ceo2.txt", unpack=True)
     d_ref = np.array(CALIBRANT_FACTORY("CeO2").dspacing[:6])
@@ -60,6 +64,22 @@ def test_demo_beamtime_end_to_end(tmp_path):
         if q[0] + 0.05 < qp < q[-1] - 0.05:
             win = np.abs(q - qp) < 0.05
             assert abs(q[win][np.argmax(inten[win])] - qp) < 0.01
+
+
+def test_every_preset_spec_sizes_its_training_to_its_data():
+    """The paper preset asks for the paper's recipe; the demo for minutes on 2 cores; both validate."""
+    from xrdscale.campaign.spec import validate_spec
+    from xrdscale.simulate.beamtime import PRESETS
+
+    demo, paper = PRESETS["demo"], PRESETS["paper"]
+    assert (paper.train.n, paper.train.ensemble, paper.train.epochs) == (200_000, 10, 35)
+    assert demo.train.n * demo.train.ensemble * demo.train.epochs <= 100_000    # pattern-epochs of a few minutes
+    assert paper.frames_per_dataset == 254_800
+    for p in (demo, paper):
+        raw = {"version": 1, "campaign": "x", "workspace": "w", "geometry": {"poni": "g.poni"}, "phases": "p.yaml",
+               "pipeline": {"train": p.train.section()},
+               "cycles": [{"cycle": 1, "datasets": [{"id": "a", "state": "charged", "voltage": 4.2, "raw": "a.nxs"}]}]}
+        assert validate_spec(raw).pipeline.train.ensemble == p.train.ensemble
 
 
 @pytest.mark.parametrize("args, words", [

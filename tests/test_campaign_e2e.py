@@ -48,8 +48,8 @@ def beamtime(tmp_path_factory):
 
 
 def test_every_pipeline_setting_reaches_its_stage(beamtime, tmp_path):
-    from xrdscale.stages.reconstruct import open_sinogram
     from xrdscale.stages.integrate import integrate
+    from xrdscale.stages.reconstruct import open_sinogram
     from xrdscale.stages.sinogram import build_sinogram
 
     # the reconstruction grid, for a μ map of the right shape

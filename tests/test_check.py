@@ -166,7 +166,8 @@ def test_store_defects_named(tmp_path):
 
 def test_incomplete_and_mislabelled_stores(tmp_path):
     url = storage.write_store(volume_ds(), str(tmp_path / "v.zarr"), stage="volume")
-    assert cli(url, "--kind", "sinogram")[1].splitlines()[0] == f"{url}: attrs['stage'] is 'volume'; expected 'sinogram'"
+    first = cli(url, "--kind", "sinogram")[1].splitlines()[0]
+    assert first == f"{url}: attrs['stage'] is 'volume'; expected 'sinogram'"
     storage.clear(os.path.join(url, storage.MARKER))
     code, out = cli(url)
     assert code == 1
@@ -227,6 +228,11 @@ def test_missing_unknown_and_bad_kind(tmp_path):
     assert lines[0] == f"OK {good} (volume)"
     assert lines[1] == f"{tmp_path / 'nothing.zarr'}: does not exist; check the path or URL"
     assert lines[2].startswith(f"{tmp_path / 'notes.txt'}: not a raw NeXus/HDF5 file")
+    broken = storage.write_store(volume_ds(), str(tmp_path / "broken.zarr"), stage="volume")
+    with open(os.path.join(broken, "zarr.json"), "w") as f:
+        f.write("{not json")
+    kind, problems = contracts.check(broken)
+    assert kind == "store" and problems[0].startswith(f"{broken}: cannot be opened as a zarr store (")
     assert contracts.check(good, "banana")[1] == [f"{good}: unknown kind 'banana'; expected one of "
                                                   + ", ".join(contracts.KINDS)]
 

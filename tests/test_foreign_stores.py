@@ -10,13 +10,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from test_reconstruct import phantom_sinograms
+from test_sinogram import STEP, scan_patterns
 from xrdscale.exceptions import IncompleteStoreError, InputError
 from xrdscale.io import contracts, storage
 from xrdscale.stages.reconstruct import reconstruct
 from xrdscale.stages.sinogram import build_sinogram
-
-from test_reconstruct import phantom_sinograms
-from test_sinogram import STEP, scan_patterns
 
 ZARR_WRITES = {  # how a user may write a store with plain xarray
     "v3-consolidated": {},

@@ -136,6 +136,21 @@ def test_registry_refuses_missing_partial_and_corrupt_entries(tmp_path):
         registry.open_entry(url)
 
 
+def test_entries_trained_at_the_old_intensity_unit_are_refused(tmp_path):
+    """Models from before K = 1 (no intensity_unit) would give 100× the contract's scale factors."""
+    url = str(tmp_path / "model")
+    write_random_entry(url, tiny_spec(), np.linspace(1.2, 2.8, 64))
+    assert registry.open_entry(url).spec.intensity_unit == 1.0
+    doc_path = tmp_path / "model" / "model.json"
+    doc = json.loads(doc_path.read_text())
+    del doc["spec"]["intensity_unit"]
+    doc_path.write_text(json.dumps(doc))
+    with pytest.raises(InputError, match="K = 1e-2.*100 times.*retrain"):
+        registry.open_entry(url)
+    with pytest.raises(ValueError, match="K = 0.01"):
+        PQNet(ModelSpec.from_dict({**tiny_spec().to_dict(), "intensity_unit": 0.01}))
+
+
 def test_library_blocks_equal_the_bare_phase_library_calls(tmp_path):
     yaml_path = tmp_path / "lib.yaml"
     yaml_path.write_text(YAML)
@@ -153,6 +168,7 @@ def test_library_blocks_equal_the_bare_phase_library_calls(tmp_path):
         for p, k in labels:
             np.testing.assert_array_equal(ds[label_var(p, k)][lo:hi].values, sampled[p][k])
     assert json.loads(ds.attrs["config"])["n"] == 250 and ds.attrs["phases_yaml"] == YAML
+    assert ds.attrs["intensity_unit"] == 1.0
 
 
 def test_library_q_override_and_bad_inputs(tmp_path):

@@ -12,7 +12,7 @@ import pytest
 import torch
 import xarray as xr
 
-from xrdscale.io import storage
+from xrdscale.io import contracts, storage
 from xrdscale.exceptions import InputError
 from xrdscale.pqnet.model import ModelSpec
 from xrdscale.pqnet.predict import predict
@@ -24,7 +24,6 @@ from test_pqnet_model import write_random_entry
 ray = pytest.importorskip("ray")
 
 Q = np.linspace(1.2, 2.8, 64)
-CONTRACTS = "/work/shared/tools/check_contracts.py"
 
 
 @pytest.fixture(scope="module")
@@ -82,9 +81,8 @@ def test_volume_to_maps_with_two_actors_matches_bare_torch(ray_local, model_url,
     assert ds["scale"].dims == ("phase", "y", "x")
     check_maps(ds, *reference(model_url, data.reshape(-1, Q.size)), (5, 7))
     assert ds.attrs["model_id"] == open_entry(model_url).id
-    if os.path.exists(CONTRACTS):
-        res = subprocess.run([sys.executable, CONTRACTS, "maps", out], capture_output=True, text=True)
-        assert res.returncode == 0, res.stdout + res.stderr
+    problems = contracts.check_store(out, "maps")
+    assert problems == [], problems
 
 
 def test_patterns_store_and_interpolation_to_the_model_grid(ray_local, model_url, tmp_path, rng):

@@ -9,7 +9,7 @@ or an unknown key, the valid values.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Annotated, Any
+from typing import Any
 
 from pydantic import AfterValidator, BaseModel, ConfigDict, ValidationError
 
@@ -33,10 +33,12 @@ class OneOf:
         return value
 
 
-def one_of(choices: tuple[str, ...] | list[str], what: str) -> Any:
-    """The type of a field whose value is one of ``choices`` (``what`` names it in errors)."""
-    check = OneOf(tuple(choices), what)
-    return Annotated[str, AfterValidator(check), check]
+def one_of(choices: tuple[str, ...] | list[str], what: str) -> AfterValidator:
+    """The validator of a field whose value is one of ``choices``: ``Annotated[str, one_of(...)]``.
+
+    ``what`` names the field in errors; the CLI reads the choices for its help.
+    """
+    return AfterValidator(OneOf(tuple(choices), what))
 
 
 def yaml_path(parts: tuple[Any, ...], prefix: str = "") -> str:

@@ -233,7 +233,7 @@ def _cycle_section(doc: _Doc, cycle: Any, entries: Sequence[DatasetEntry], maps:
                        f"cycle{cycle}_nca_lattice", f"Cycle {cycle}: mean NCA a and c per ROI vs voltage "
                        "(error bars: mean ensemble std)")
     try:
-        reg = classify_regions([(e.voltage, maps[e.id]) for e in entries], ids=[e.id for e in entries])
+        reg = classify_regions([(float(e.voltage or 0.0), maps[e.id]) for e in entries], ids=[e.id for e in entries])
         doc.figure(plots.region_map(reg["region"], REGION_NAMES, title=f"cycle {cycle}: lithiation regions"),
                    f"cycle{cycle}_regions", f"Cycle {cycle}: anode lithiation regions (HL/DL/IN)")
         counts = {REGION_NAMES[c]: int((reg["region"].values == c).sum()) for c in REGION_NAMES}
@@ -329,7 +329,7 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
                 cycles.setdefault(e.cycle, []).append(e)
         for cycle, group in cycles.items():
             if len(group) >= 2:
-                _cycle_section(doc, cycle, sorted(group, key=lambda e: e.voltage), maps, rois_all)
+                _cycle_section(doc, cycle, sorted(group, key=lambda e: float(e.voltage or 0.0)), maps, rois_all)
         _provenance(doc, entries, maps, model)
         bar.advance(task)
     if not rois_all.empty:

@@ -21,10 +21,10 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
 
-from xrdscale.io import storage
 from xrdscale.campaign.stages import CAMPAIGN, MODEL, Stage, StageCall, default_stages, input_identity
 from xrdscale.campaign.store import JobStore, default_url
 from xrdscale.exceptions import ConfigError, InputError, StorageError, XrdscaleError
+from xrdscale.io import storage
 
 logger = logging.getLogger(__name__)
 
@@ -99,7 +99,7 @@ class Plan:
         self._identity: dict[str, dict] = {}
         self.model_tasks: list[Task] = []
         self.model_url: str | None = spec.model
-        model_key = None
+        model_key: str = ""
         if spec.model is None:
             done: dict[str, Task] = {}
             for s in self.stages.values():
@@ -189,6 +189,11 @@ def check_inputs(spec: Any) -> None:
         lines = "\n  ".join(missing)
         raise InputError(f"{len(missing)} input(s) of campaign {spec.campaign!r} do not exist:\n  {lines}\n"
                          "check the paths (relative to the spec file) and that the files were copied; nothing was run")
+    from xrdscale.stages.integrate import load_poni
+
+    # a PONI that pyFAI cannot use fails here, before any stage, not in every integrate task
+    load_poni(storage.read_bytes(spec.geometry.poni).decode("utf-8", "replace"),
+              f"geometry.poni {storage.redact(spec.geometry.poni)}")
 
 
 def is_done(task: Task) -> bool:

@@ -17,15 +17,16 @@ from __future__ import annotations
 
 import logging
 import re
-from typing import Annotated, Any, Literal
+from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import Field, ValidationError, field_validator
 
-from xrdscale.io import storage
 from xrdscale.config import Model as _Model
 from xrdscale.config import format_errors
 from xrdscale.exceptions import ConfigError
+from xrdscale.io import storage
+from xrdscale.runtime.cluster import ClusterSpec, LocalCluster
 from xrdscale.stages.absorption import AbsorptionConfig
 from xrdscale.stages.analyse import AnalyseConfig
 from xrdscale.stages.denoise import DenoiseConfig
@@ -34,7 +35,6 @@ from xrdscale.stages.reconstruct import ReconstructConfig
 from xrdscale.stages.report import ReportConfig
 from xrdscale.stages.sinogram import SinogramConfig
 from xrdscale.stages.train import TrainConfig
-from xrdscale.runtime.cluster import AddressCluster, ClusterSpec, KubernetesCluster, LocalCluster
 
 logger = logging.getLogger(__name__)
 

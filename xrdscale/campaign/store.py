@@ -23,8 +23,8 @@ from dataclasses import dataclass
 import sqlalchemy as sa
 from sqlalchemy.exc import SQLAlchemyError
 
-from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, StorageError
+from xrdscale.io import storage
 
 logger = logging.getLogger(__name__)
 

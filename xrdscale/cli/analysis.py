@@ -10,8 +10,8 @@ import typer
 import yaml
 from rich.console import Console
 
-from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
+from xrdscale.io import storage
 
 logger = logging.getLogger(__name__)
 
@@ -81,7 +81,8 @@ def _voltages(maps: list, urls: list[str], given: list[float] | None) -> list[fl
     out = []
     for ds, url in zip(maps, urls):
         if "voltage" not in ds.attrs:
-            raise InputError(f"maps store {storage.redact(url)} has no 'voltage' attribute; give --voltage for each store")
+            raise InputError(f"maps store {storage.redact(url)} has no 'voltage' attribute; give --voltage for "
+                             "each store")
         out.append(float(ds.attrs["voltage"]))
     return out
 
@@ -115,7 +116,8 @@ def unroll_cmd(maps_url: str = typer.Argument(..., help="maps store URL."),
                out: str = typer.Argument(..., help="Output 'unrolled' store URL (phase, radius, angle)."),
                variable: list[str] = typer.Option(["scale"], "--variable", help="Map(s) to unroll (repeat)."),
                centre: str | None = CENTRE_OPT,
-               pitch: str = typer.Option("0", "--pitch", help="Spiral pitch in mm/turn, or 'auto' (from the NCA scale)."),
+               pitch: str = typer.Option("0", "--pitch",
+                                         help="Spiral pitch in mm/turn, or 'auto' (from the NCA scale)."),
                n_angles: int = typer.Option(720, "--angles", min=8, help="Angular samples over 360°.")) -> None:
     """Unroll maps into radius × angle images about the cell centre, following the spiral."""
     import xarray as xr

@@ -8,8 +8,8 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from xrdscale.io import storage
 from xrdscale.campaign.stages import CAMPAIGN
+from xrdscale.io import storage
 
 logger = logging.getLogger(__name__)
 

@@ -75,8 +75,8 @@ def register(app: typer.Typer) -> None:
         """Simulate the demo beamtime, train (or reuse) a small PQ-Net, run the campaign and write its report."""
         from rich.console import Console
 
-        from xrdscale.cli.campaign import run_and_print
         from xrdscale.campaign.spec import load_spec
+        from xrdscale.cli.campaign import run_and_print
 
         console = Console(stderr=True)
         out_abs = out if storage.is_remote(out) else os.path.abspath(out)

@@ -53,8 +53,8 @@ def scan_cmd(
     """Scan one phantom: write RAW, and beside it <name>.truth.zarr, <name>.poni and <name>.mask.edf."""
     import numpy as np
 
-    from xrdscale.simulate.beamtime import LIBRARY_Q, PRESETS, WAVELENGTH, make_detector, write_geometry
     from xrdscale.physics.pattern import Instrument
+    from xrdscale.simulate.beamtime import LIBRARY_Q, PRESETS, WAVELENGTH, make_detector, write_geometry
     from xrdscale.simulate.phantom import make_phantom
     from xrdscale.simulate.scan import scan_phantom
 

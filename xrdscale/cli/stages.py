@@ -31,13 +31,12 @@ _SIMPLE = (bool, int, float, str)
 
 
 def _choices(info: Any) -> tuple[str, ...] | None:
-    for meta in info.metadata:
-        if isinstance(meta, OneOf):
-            return meta.choices
-    for arg in typing.get_args(info.annotation):
-        for meta in getattr(arg, "__metadata__", ()):
-            if isinstance(meta, OneOf):
-                return meta.choices
+    """The choices of a field typed ``Annotated[str, one_of(...)]`` (optional or not)."""
+    metas = [*info.metadata, *(m for arg in typing.get_args(info.annotation) for m in getattr(arg, "__metadata__", ()))]
+    for meta in metas:
+        check = getattr(meta, "func", meta)
+        if isinstance(check, OneOf):
+            return check.choices
     return None
 
 
@@ -61,7 +60,7 @@ def option_name(field_name: str) -> str:
     return "--" + field_name.replace("_", "-")
 
 
-def config_parameters(cls: type, exclude: frozenset[str] = frozenset()) -> tuple[list[inspect.Parameter],
+def config_parameters(cls: Any, exclude: frozenset[str] = frozenset()) -> tuple[list[inspect.Parameter],
                                                                                    dict[str, bool]]:
     """typer parameters for every field of a config model, and which take YAML text."""
     params, yaml_fields = [], {}
@@ -88,7 +87,7 @@ def config_parameters(cls: type, exclude: frozenset[str] = frozenset()) -> tuple
     return params, yaml_fields
 
 
-def config_from_options(cls: type, values: dict[str, Any], yaml_fields: dict[str, bool]) -> Any:
+def config_from_options(cls: Any, values: dict[str, Any], yaml_fields: dict[str, bool]) -> Any:
     """The config of the options given (``None`` = not given: the model's default)."""
     settings: dict[str, Any] = {}
     for name, value in values.items():
@@ -122,7 +121,7 @@ def dask_client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
         with Client(scheduler) as client:
             yield client
         return
-    if workers < 1:
+    if workers is None or workers < 1:
         raise ConfigError(f"--workers {workers}: expected at least 1")
     with worker_environ(), \
             LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \

@@ -32,7 +32,7 @@ Examples
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Hashable, Sequence
 
 import numpy as np
 import xarray as xr
@@ -122,7 +122,8 @@ def check(url: str, kind: str | None = None) -> tuple[str, list[str]]:
 
 
 def detect(url: str) -> str | None:
-    """Tell what ``url`` is: one of :data:`KINDS`, or None.
+    """Tell what ``url`` is: one of :data:`KINDS`, a stage name, ``"store"`` (a zarr group of no
+    known kind) or None.
 
     Files are told by their suffix (``.nxs``/``.h5``/``.hdf5`` raw; ``.yaml``/``.yml`` a
     campaign spec when it has ``cycles``, else a phase library when it has a ``phases``
@@ -150,8 +151,11 @@ def detect(url: str) -> str | None:
     stage = layout.attrs.get("stage")
     if isinstance(stage, str) and stage:
         return stage
-    ds = storage.open_zarr(url, layout=layout)
-    return dataset_kind(ds)
+    try:
+        ds = storage.open_zarr(url, layout=layout)
+    except Exception:  # noqa: BLE001 - the store check reports why it cannot be opened
+        return "store"
+    return dataset_kind(ds) or "store"
 
 
 def _yaml_kind(url: str) -> str | None:
@@ -186,12 +190,12 @@ def dataset_kind(ds: xr.Dataset) -> str | None:
         if set(dims) == {"y", "x", "q"}:
             return "volume"
         return None
-    names = set(ds.data_vars)
+    names = {str(n) for n in ds.data_vars}
     if "scale" in names:
         if "projection" in names or not any(n.endswith("_std") for n in names):
             return "truth"
         return "maps"
-    if names and all(tuple(ds[v].dims[-2:]) == ("radius", "angle") for v in names):
+    if names and all(tuple(ds[v].dims[-2:]) == ("radius", "angle") for v in ds.data_vars):
         return "unrolled"
     if "region" in names:
         return "regions"
@@ -332,7 +336,13 @@ def _check_store(url: str, kind: str | None) -> tuple[str, list[str]]:
                         f"{storage.MARKER} marker); run the stage that writes it again")
     if layout.zarr_format is None:
         return kind or "store", problems or [f"{name}: not a zarr store; expected zarr.json or .zgroup metadata"]
-    ds = storage.open_zarr(url, layout=layout)
+    try:
+        ds = storage.open_zarr(url, layout=layout)
+    except XrdscaleError:
+        raise
+    except Exception as exc:  # noqa: BLE001 - a broken store is a finding, not a crash of the checker
+        return kind or "store", [*problems, f"{name}: cannot be opened as a zarr store ({type(exc).__name__}: "
+                                            f"{exc}); expected a zarr group readable by xarray"]
     stage = ds.attrs.get("stage")
     found = kind or (stage if isinstance(stage, str) and stage else None) or dataset_kind(ds) or "store"
     if kind is not None and stage is not None and stage != kind:
@@ -345,7 +355,7 @@ def _check_store(url: str, kind: str | None) -> tuple[str, list[str]]:
     if found in STORE_KINDS:
         problems += dataset_problems(ds, found, name)
     elif found == "store":
-        problems.append(f"{name}: no store contract matches its variables {sorted(ds.data_vars)}; expected "
+        problems.append(f"{name}: no store contract matches its variables {sorted(map(str, ds.data_vars))}; expected "
                         "e.g. intensity (frame, q) patterns, intensity (angle, translation, q) sinogram, "
                         "intensity (y, x, q) volume, scale/a/c/size (phase, y, x) maps")
     elif not layout.written_by_xrdscale:
@@ -378,8 +388,8 @@ def dataset_problems(ds: xr.Dataset, kind: str, name: str = "store") -> list[str
     return _CHECKS[kind](ds, name)
 
 
-def _dims(dims: Sequence[str]) -> str:
-    return "(" + ", ".join(dims) + ")"
+def _dims(dims: Sequence[Hashable]) -> str:
+    return "(" + ", ".join(map(str, dims)) + ")"
 
 
 def _variable(ds: xr.Dataset, var: str, dims: Sequence[str], name: str, problems: list[str], *,
@@ -495,10 +505,10 @@ def _phase_coord(ds: xr.Dataset, name: str, problems: list[str]) -> None:
 def _check_maps(ds: xr.Dataset, name: str, *, std: bool = True) -> list[str]:
     problems: list[str] = []
     _phase_coord(ds, name, problems)
-    pix = ("y", "x")
+    pix: tuple[str, ...] = ("y", "x")
     if "scale" in ds.data_vars and tuple(ds["scale"].dims[:1]) == ("phase",) \
             and tuple(ds["scale"].dims[1:]) in MAP_PIXEL_DIMS:
-        pix = tuple(ds["scale"].dims[1:])
+        pix = tuple(map(str, ds["scale"].dims[1:]))
     per_phase = ("phase", *pix)
     for p in MAP_PARAMS:
         _variable(ds, p, per_phase, name, problems, floating=True)

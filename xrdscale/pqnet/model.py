@@ -69,8 +69,8 @@ class ModelSpec:
         Dropout rate of the parameter block.
     intensity_unit : float
         Intensity constant K of the pattern model of the training library
-        (``I_hkl = K · scale · m|F|² · LP / V²``); :data:`xrdscale.physics.constants.INTENSITY_UNIT` (1), the only one
-        a :class:`PQNet` accepts.
+        (``I_hkl = K · scale · m|F|² · LP / V²``): :data:`xrdscale.physics.constants.INTENSITY_UNIT`
+        (1), the only one a :class:`PQNet` accepts.
     """
 
     phases: tuple[str, ...]

@@ -115,25 +115,24 @@ def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch
     from xrdscale.stages.base import guarded, write_output
 
     entry = open_entry(model_url)
+    actors_n = actors
 
     def body() -> str:
         ds = storage.open_store(in_url)
-        nonlocal pool
         own = pool is None
-        if own:
-            pool = ServerPool(model_url, actors=actors, engine=engine, device=device, threads=threads,
-                              members=members)
+        actors = ServerPool(model_url, actors=actors_n, engine=engine, device=device, threads=threads,
+                            members=members) if pool is None else pool
         try:
-            maps = predict_maps(ds, entry, pool, batch=batch, what=storage.redact(in_url))
+            maps = predict_maps(ds, entry, actors, batch=batch, what=storage.redact(in_url))
             maps.attrs.update(model=storage.redact(model_url), source=storage.redact(in_url))
             config = {"model": storage.redact(model_url), "model_id": entry.id, "input": storage.redact(in_url),
-                      "actors": len(pool.names), "batch": batch, "engine": engine, "device": pool.device,
-                      "ensemble": pool.members}
+                      "actors": len(actors.names), "batch": batch, "engine": engine, "device": actors.device,
+                      "ensemble": actors.members}
             return write_output(maps, out_url, kind="maps", config=config, client=client, progress=progress,
                                 label="predict", marker={"model_id": entry.id})
         finally:
             if own:
-                pool.close()
+                actors.close()
 
     return guarded(out_url, body)
 

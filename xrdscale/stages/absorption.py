@@ -28,12 +28,13 @@ import numpy as np
 import xarray as xr
 from pydantic import Field, model_validator
 
-from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
-from xrdscale.physics.attenuation import mu_from_fractions
+from xrdscale.io import storage
+
 # re-exported for callers of the stage module (the definitions live in xrdscale.physics.attenuation)
 from xrdscale.physics.attenuation import AMORPHOUS_COMPOSITION as AMORPHOUS_COMPOSITION
 from xrdscale.physics.attenuation import mass_attenuation as mass_attenuation
+from xrdscale.physics.attenuation import mu_from_fractions
 from xrdscale.physics.attenuation import phase_composition as phase_composition
 from xrdscale.physics.constants import DEFAULT_ENERGY_KEV
 from xrdscale.recon.astra_engine import astra_geometry
@@ -169,7 +170,7 @@ def correct_absorption(sinogram_url: str, out_url: str, *, mu_map: np.ndarray | 
         if cfg.maps is not None:
             mu = mu_from_maps(cfg.maps, energy_kev=energy, basis=cfg.basis, packing=cfg.packing)
         else:
-            mu = load_mu_map(array if array is not None else cfg.mu_map)
+            mu = load_mu_map(array if array is not None else str(cfg.mu_map))
         trans = transmission(np.asarray(mu, dtype=np.float64), geometry)
         logger.info("absorption: transmission %.3g … %.3g over %d rays", trans.min(), trans.max(), trans.size)
         factor = xr.DataArray((1.0 / np.maximum(trans, cfg.min_transmission)).astype(np.float32),

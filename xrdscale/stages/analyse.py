@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
@@ -24,6 +24,10 @@ logger = logging.getLogger(__name__)
 INFERENCE_ENGINES: tuple[str, ...] = ("onnx", "torch")
 
 
+EngineName = Annotated[str, one_of(INFERENCE_ENGINES, "inference engine")]
+Device = Annotated[str, one_of(("auto", "cpu", "cuda"), "device")]
+
+
 class AnalyseConfig(StageConfig):
     """Settings of the ``analyse`` stage (``pipeline.analyse`` of a campaign)."""
 
@@ -33,8 +37,8 @@ class AnalyseConfig(StageConfig):
                                                          "mean and std (the first N; default: all)")
     actors: int = runtime_field(1, "Ray actors serving the ensemble (each holds every member)", ge=1)
     batch: int = runtime_field(4096, "patterns per actor call", ge=1)
-    engine: one_of(INFERENCE_ENGINES, "inference engine") = runtime_field("onnx", "inference engine of the actors")
-    device: one_of(("auto", "cpu", "cuda"), "device") = runtime_field("auto", "actor device (auto: a GPU per "
+    engine: EngineName = runtime_field("onnx", "inference engine of the actors")
+    device: Device = runtime_field("auto", "actor device (auto: a GPU per "
                                                                               "actor when Ray has GPUs)")
     threads: int = runtime_field(1, "CPU threads per actor", ge=1)
 

@@ -22,11 +22,10 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import numpy as np
 import torch
-
 from pydantic import Field
 
 from xrdscale.config import one_of
@@ -35,11 +34,16 @@ from xrdscale.io import storage
 from xrdscale.recon.filters import FILTERS, check_filter
 from xrdscale.recon.geometry import Geometry
 from xrdscale.recon.registry import DEVICES, ENGINE_NAMES, Engine, Impl, get_engine
+from xrdscale.recon.unet import UNet
 from xrdscale.stages.base import StageConfig, guarded, runtime_field
 from xrdscale.stages.reconstruct import channel_volumes, open_sinogram, write_volume
-from xrdscale.recon.unet import UNet
 
 logger = logging.getLogger(__name__)
+
+
+Filter = Annotated[str, one_of(FILTERS, "FBP filter")]
+EngineName = Annotated[str, one_of(("auto", *ENGINE_NAMES), "reconstruction engine")]
+Device = Annotated[str, one_of(DEVICES, "device")]
 
 
 class DenoiseConfig(StageConfig):
@@ -57,10 +61,10 @@ class DenoiseConfig(StageConfig):
     lr: float = Field(1e-3, gt=0, description="Adam learning rate")
     features: int = Field(16, ge=1, description="U-Net features of the first level")
     seed: int = Field(0, description="seed of the splits and of the network")
-    filter: one_of(FILTERS, "FBP filter") | None = Field(
+    filter: Filter | None = Field(
         None, description="FBP filter of the split reconstructions (default: the volume's)")
-    engine: one_of(("auto", *ENGINE_NAMES), "reconstruction engine") = Field("auto", description="as reconstruct")
-    device: one_of(DEVICES, "device") = Field("auto", description="as reconstruct; the network trains on CUDA "
+    engine: EngineName = Field("auto", description="as reconstruct")
+    device: Device = Field("auto", description="as reconstruct; the network trains on CUDA "
                                                                    "when torch sees a GPU and device allows it")
     channels_per_chunk: int | None = runtime_field(None, "channels per fine-tuning task", ge=1)
 
@@ -101,7 +105,7 @@ def training_set(sino: np.ndarray, geometry: Geometry, engine: Engine, filter_na
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Normalised training pairs ``(x, y)`` of shape ``(n, 1, h, w)``, the full FBP and the scales."""
     xs, ys = [], []
-    full = scale = None
+    full = scale = np.zeros(0)
     for _ in range(config.realizations):
         inputs, targets, full = split_pairs(sino, geometry, engine, filter_name, config.splits, rng)
         scale = np.maximum(full.std(axis=(1, 2)), 1e-12)[None, :, None, None]

@@ -27,15 +27,14 @@ import tempfile
 import threading
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import dask
 import dask.array as da
-from dask.array.core import normalize_chunks
-from dask.highlevelgraph import HighLevelGraph
 import numpy as np
 import xarray as xr
-
+from dask.array.core import normalize_chunks
+from dask.highlevelgraph import HighLevelGraph
 from pydantic import Field, field_validator
 
 from xrdscale.config import one_of
@@ -50,6 +49,9 @@ METHODS: tuple[str, ...] = ("trimmed_mean", "mean", "sigma_clip")
 UNIT = "q_A^-1"
 
 
+Method = Annotated[str, one_of(METHODS, "integration method")]
+
+
 class IntegrateConfig(StageConfig):
     """Settings of the ``integrate`` stage (``pipeline.integrate`` of a campaign)."""
 
@@ -59,7 +61,7 @@ class IntegrateConfig(StageConfig):
     q_range: tuple[float, float] | None = Field(
         None, description="q range LOW HIGH in 1/Å, the outer edges of the bins (default: what the unmasked "
                           "pixels cover)")
-    method: one_of(METHODS, "integration method") = Field("trimmed_mean", description="azimuthal reduction")
+    method: Method = Field("trimmed_mean", description="azimuthal reduction")
     percentile: tuple[float, float] = Field((10.0, 90.0), description="percentiles kept by trimmed_mean")
     polarization_factor: float | None = Field(0.99, ge=-1.0, le=1.0,
                                               description="pyFAI polarisation factor (null: no correction)")
@@ -292,7 +294,8 @@ def resolve_spec(scan: rawframes.RawScan, *, poni: str, mask: str | None = None,
         raise InputError(f"q range [{lo}, {hi}] 1/Å is outside the detector's coverage "
                          f"[{qvalid.min():.4g}, {qvalid.max():.4g}] 1/Å for {scan.source.name}; every pixel would "
                          "be masked — choose a q range the detector covers")
-    return IntegratorSpec(poni=poni_text, mask_url=mask, mask_sha256=mask_sha, frame_shape=tuple(shape),
+    return IntegratorSpec(poni=poni_text, mask_url=mask, mask_sha256=mask_sha,
+                          frame_shape=(int(shape[0]), int(shape[1])),
                           npt=int(npt), q_range=(lo, hi), method=method, percentile=(lo_p, hi_p),
                           polarization_factor=cfg.polarization_factor,
                           sigma_clip_threshold=float(cfg.sigma_clip_threshold))
@@ -346,7 +349,7 @@ def patterns_dataset(scan: rawframes.RawScan, spec: IntegratorSpec, *, frames_pe
     # values are literals of the task. (Index and monitor as dask arrays made two tiny root
     # tasks per chunk, and the worker idled a scheduler round trip before every chunk.)
     starts = np.concatenate([[0], np.cumsum(sizes)[:-1]]).astype(int)
-    graph = {(name, i, 0): (block, int(start), scan.monitor[start:start + size])
+    graph: dict[Any, Any] = {(name, i, 0): (block, int(start), scan.monitor[start:start + size])
              for i, (start, size) in enumerate(zip(starts, sizes))}
     intensity = da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name,
                          chunks=(sizes, (spec.npt,)), dtype=np.float32,

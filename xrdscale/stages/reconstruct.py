@@ -13,12 +13,11 @@ from __future__ import annotations
 import logging
 import math
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 import dask.array as da
 import numpy as np
 import xarray as xr
-
 from pydantic import Field
 
 from xrdscale.config import one_of
@@ -32,19 +31,25 @@ from xrdscale.stages.base import StageConfig, guarded, runtime_field, write_outp
 logger = logging.getLogger(__name__)
 
 
+Algorithm = Annotated[str, one_of(ALGORITHMS, "reconstruction algorithm")]
+Filter = Annotated[str, one_of(FILTERS, "FBP filter")]
+EngineName = Annotated[str, one_of(("auto", *ENGINE_NAMES), "reconstruction engine")]
+Device = Annotated[str, one_of(DEVICES, "device")]
+
+
 class ReconstructConfig(StageConfig):
     """Settings of the ``reconstruct`` stage (``pipeline.reconstruct`` of a campaign)."""
 
     stage: ClassVar[str] = "reconstruct"
 
-    algorithm: one_of(ALGORITHMS, "reconstruction algorithm") = Field(
+    algorithm: Algorithm = Field(
         "fbp", description="filtered back projection or SIRT")
     iterations: int = Field(100, ge=1, description="SIRT iterations (FBP ignores it)")
-    filter: one_of(FILTERS, "FBP filter") = Field("ram-lak", description="FBP filter")
-    engine: one_of(("auto", *ENGINE_NAMES), "reconstruction engine") = Field(
+    filter: Filter = Field("ram-lak", description="FBP filter")
+    engine: EngineName = Field(
         "auto", description="auto (batched), astra (one ASTRA call per channel) or batched (one sparse operator "
                             "for a chunk of channels)")
-    device: one_of(DEVICES, "device") = Field("auto", description="auto, cpu or cuda (CUDA falls back to the "
+    device: Device = Field("auto", description="auto, cpu or cuda (CUDA falls back to the "
                                                                    "CPU with one INFO line)")
     channels_per_chunk: int | None = runtime_field(None, "channels per task (default: about 64 MiB per task)",
                                                    ge=1)

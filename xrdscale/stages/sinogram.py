@@ -23,15 +23,13 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
+from typing import Any, ClassVar, Literal
 
 import dask
 import dask.array as da
 import numpy as np
 import scipy.sparse as sp
 import xarray as xr
-
-from typing import Any, ClassVar, Literal
-
 from pydantic import Field, field_validator
 
 from xrdscale.exceptions import InputError
@@ -92,7 +90,7 @@ def air_frames(lines: Lines, air_columns: int) -> np.ndarray:
     """Frame indices of the ``air_columns`` outermost translation positions of every line."""
     if air_columns <= 0:
         return np.zeros(0, dtype=np.int64)
-    picks = []
+    picks: list[np.ndarray] = []
     for m in lines.members:
         if m.size < 2 * air_columns + 2:
             raise InputError(f"a line at angle {lines.angle[len(picks)]:.4g}° has {m.size} positions, too few for "
@@ -130,9 +128,9 @@ def find_center(lines: Lines, translation: np.ndarray, total: np.ndarray) -> flo
     if len(com) < 3:
         raise InputError(f"only {len(com)} angle(s) carry sample signal; cannot find the rotation axis — give "
                          "--center or check the scan")
-    theta, com, w = np.array(theta), np.array(com), np.sqrt(np.array(weight))
-    design = np.column_stack([np.ones_like(theta), np.cos(theta), np.sin(theta)])
-    coef, *_ = np.linalg.lstsq(design * w[:, None], com * w, rcond=None)
+    theta_a, com_a, w = np.array(theta), np.array(com), np.sqrt(np.array(weight))
+    design = np.column_stack([np.ones_like(theta_a), np.cos(theta_a), np.sin(theta_a)])
+    coef, *_ = np.linalg.lstsq(design * w[:, None], com_a * w, rcond=None)
     return float(coef[0])
 
 
@@ -288,8 +286,9 @@ def sinogram_dataset(src: xr.Dataset, config: SinogramConfig, *, client: Any = N
     columns = pat.rechunk({0: -1, 1: q_chunk}, method=rechunk)
     air_da = da.from_array(air, chunks=(columns.chunks[1],))
     W_d = dask.delayed(W, pure=True)
-    sino = da.map_blocks(_apply, columns, air_da, W_d, out_angle.size, u.size, dtype=np.float32, meta=np.empty((0, 0, 0), np.float32),
-                         drop_axis=0, new_axis=[0, 1], chunks=((out_angle.size,), (u.size,), columns.chunks[1]))
+    sino = da.map_blocks(_apply, columns, air_da, W_d, out_angle.size, u.size, dtype=np.float32,
+                         meta=np.empty((0, 0, 0), np.float32), drop_axis=0, new_axis=[0, 1],
+                         chunks=((out_angle.size,), (u.size,), columns.chunks[1]))
     ds = xr.Dataset(
         {"intensity": (("angle", "translation", "q"), sino), "air": ("q", air.astype(np.float32))},
         coords={"angle": out_angle, "translation": u, "q": src["q"].values},

@@ -9,7 +9,7 @@ sets both: ``n`` and ``seed`` make the library, the rest the training.
 from __future__ import annotations
 
 import logging
-from typing import Any, ClassVar
+from typing import Annotated, Any, ClassVar
 
 from pydantic import Field
 
@@ -20,6 +20,9 @@ logger = logging.getLogger(__name__)
 
 #: the fields of :class:`TrainConfig` that make the library (the rest trains)
 LIBRARY_FIELDS: frozenset[str] = frozenset({"n", "seed"})
+
+
+Device = Annotated[str, one_of(("auto", "cpu", "cuda"), "device")]
 
 
 class TrainConfig(StageConfig):
@@ -36,7 +39,7 @@ class TrainConfig(StageConfig):
     seed: int = Field(0, description="seed of the library and of the first member (member i: seed + i)")
     outputs: list[str] | None = Field(None, description="outputs to predict (e.g. [scale, NCA.a, NCA.c]); "
                                                         "default: every label of the phase library")
-    device: one_of(("auto", "cpu", "cuda"), "device") = runtime_field("auto", "training device")
+    device: Device = runtime_field("auto", "training device")
     parallel: bool = runtime_field(True, "train the members as parallel Ray tasks (else one after another)")
 
     def library(self) -> dict[str, Any]:
