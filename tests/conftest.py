@@ -1,4 +1,9 @@
-"""Shared fixtures: seeded RNG, a real S3 server process (moto), thread limits."""
+"""Shared fixtures: seeded RNG, an in-process Dask client, a real S3 server process (moto),
+thread limits, and the ``gpu`` marker's skip where no CUDA device is usable.
+
+Builders of test data live in ``_builders.py``, not here: fixtures are for resources with a
+set-up and a tear-down, builders are plain functions a test calls with its own arguments.
+"""
 
 from __future__ import annotations
 
@@ -20,6 +25,62 @@ os.environ.setdefault("RAY_DISABLE_IMPORT_WARNING", "1")
 @pytest.fixture
 def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
+
+
+@pytest.fixture(scope="module")
+def dask_client():
+    """A Dask client of an in-process ``LocalCluster`` (one worker, two threads, no dashboard).
+
+    In-process (``processes=False``), so stage doubles and monkeypatches of the test module
+    are seen by the tasks; one per test module, closed after its last test.
+    """
+    from distributed import Client, LocalCluster
+
+    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
+            Client(cluster) as client:
+        yield client
+
+
+def requires_cuda(library: str = "any") -> str | None:
+    """Why a test that needs CUDA through ``library`` cannot run here (None: it can).
+
+    ``library`` is ``"astra"`` (``astra.use_cuda()``: ASTRA built with CUDA and a GPU it can
+    use), ``"torch"`` (``torch.cuda.is_available()``) or ``"any"`` (either). The probes are
+    the ones xrdscale itself asks, so a test runs exactly where xrdscale would take its CUDA
+    path. Used by :func:`pytest_runtest_setup` for tests marked ``gpu``.
+    """
+    probes = {"astra": _astra_cuda, "torch": _torch_cuda}
+    if library not in (*probes, "any"):
+        raise ValueError(f"requires_cuda: unknown library {library!r}; expected astra, torch or any")
+    names = list(probes) if library == "any" else [library]
+    if any(probes[name]() for name in names):
+        return None
+    return f"needs a CUDA device usable by {' or '.join(names)}; none here"
+
+
+def _astra_cuda() -> bool:
+    import astra
+
+    return bool(astra.use_cuda())
+
+
+def _torch_cuda() -> bool:
+    import torch
+
+    return bool(torch.cuda.is_available())
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    """Skip (with the reason) a test marked ``gpu`` where no CUDA device is usable.
+
+    ``@pytest.mark.gpu`` needs any CUDA device; ``@pytest.mark.gpu(library="astra")`` (or
+    ``"torch"``) one that this library can use.
+    """
+    marker = item.get_closest_marker("gpu")
+    if marker is not None:
+        reason = requires_cuda(*marker.args, **marker.kwargs)
+        if reason is not None:
+            pytest.skip(reason)
 
 
 def _free_port() -> int:

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 import xraylib
 
-from test_reconstruct import write_sinogram
+from _builders import write_sinogram
 from xrdscale.io import storage
 from xrdscale.stages.absorption import correct_absorption, mass_attenuation, mu_from_fractions, transmission
 from xrdscale.exceptions import InputError

@@ -13,9 +13,7 @@ import pytest
 import xarray as xr
 from typer.testing import CliRunner
 
-from test_analysis_regions import series_with_truth
-from test_analysis_roi import cathode_maps
-from test_analysis_unroll import spiral_maps
+from _builders import cathode_maps, series_with_truth, spiral_maps
 from xrdscale.io import storage
 from xrdscale.analysis.fractions import weight_fractions
 from xrdscale.cli import app

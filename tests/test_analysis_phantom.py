@@ -13,8 +13,7 @@ import xarray as xr
 from xrdscale.analysis.regions import classify_regions
 from xrdscale.analysis.roi import build_rois, default_rois, roi_table
 from xrdscale.analysis.unroll import estimate_pitch, find_centre, radial_profile, unroll
-
-phantom = pytest.importorskip("xrdscale.simulate.phantom")
+from xrdscale.simulate import phantom
 
 NOISE = {"scale": 0.02, "a": 0.003, "c": 0.01}
 

@@ -2,35 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pytest
-import xarray as xr
 from scipy import ndimage
 
-from xrdscale.analysis.regions import CHARGE_ORDER, DL, HL, IN, OUTSIDE, classify_regions
+from _builders import VOLTS, series_with_truth
+from xrdscale.analysis.regions import OUTSIDE, classify_regions
 from xrdscale.exceptions import InputError
-
-VOLTS = (2.65, 3.7, 3.79, 3.85, 3.95, 4.2)
-HL_STAGE = (0, 1, 2, 3, 4, 5)        # graphite → LiC30+ → LiC30 → LiC18 → LiC12 → LiC6
-DL_STAGE = (0, 0, 1, 2, 3, 5)        # one stage late, caught up at the top
-IN_STAGE = (0, 1, 1, 2, 2, 2)        # never beyond LiC30
-
-
-def series_with_truth(rng, n=32):
-    truth = np.full((n, n), OUTSIDE, dtype=int)
-    truth[4:28, 4:28] = HL
-    truth[8:16, 6:20] = DL
-    truth[20:26, 14:26] = IN
-    out = []
-    for k, v in enumerate(VOLTS):
-        scale = np.zeros((len(CHARGE_ORDER), n, n))
-        for code, stages in ((HL, HL_STAGE), (DL, DL_STAGE), (IN, IN_STAGE)):
-            scale[stages[k]][truth == code] = 1.0
-        scale = np.clip(scale + rng.normal(0, 0.08, scale.shape), 0, None)
-        maps = xr.Dataset({"scale": (("phase", "y", "x"), scale)},
-                          coords={"phase": list(CHARGE_ORDER), "y": np.arange(n) * 0.1, "x": np.arange(n) * 0.1})
-        out.append((v, maps.chunk({"y": 16})))
-    return out, truth
 
 
 def test_regions_agree_with_truth(rng):

@@ -2,33 +2,12 @@
 
 from __future__ import annotations
 
-import numpy as np
 import pandas as pd
 import pytest
-import xarray as xr
 
+from _builders import cathode_maps
 from xrdscale.analysis.roi import build_rois, default_rois, roi_from_polygon, roi_table
 from xrdscale.exceptions import ConfigError, InputError
-
-
-def cathode_maps(rng, n=40):
-    """NCA everywhere in a band, an Al tab strip; NCA a/c differ next to the tab."""
-    ax = np.arange(n) * 0.1
-    scale = np.zeros((2, n, n))
-    scale[0, 5:35, :] = 1.0                       # NCA band
-    scale[1, 18:22, 10:30] = 2.0                  # Al tab
-    near = np.zeros((n, n), bool)
-    near[16:24, 8:32] = True
-    a = np.where(near, 2.851, 2.819) + rng.normal(0, 0.001, (n, n))
-    c = np.where(near, 14.30, 14.48) + rng.normal(0, 0.002, (n, n))
-    nan = np.full((n, n), np.nan)
-    ds = xr.Dataset({
-        "scale": (("phase", "y", "x"), scale + rng.normal(0, 0.01, scale.shape)),
-        "a": (("phase", "y", "x"), np.stack([a, np.full((n, n), 4.05)])),
-        "c": (("phase", "y", "x"), np.stack([c, nan])),
-        "a_std": (("phase", "y", "x"), np.full((2, n, n), 0.002)),
-    }, coords={"phase": ["NCA", "Al"], "y": ax, "x": ax})
-    return ds, near
 
 
 def test_threshold_rois_and_table_match_numpy(rng):

@@ -6,40 +6,9 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from _builders import LAYERS, PITCH, layer_at, spiral_maps
 from xrdscale.analysis.unroll import estimate_pitch, find_centre, radial_profile, unroll
 from xrdscale.exceptions import InputError
-
-#: One jelly-roll repeat (phase, thickness mm), innermost first.
-LAYERS = (("Cu", 0.3), ("LiC6", 0.5), ("separator", 0.3), ("NCA", 0.6), ("Al", 0.3))
-PITCH = sum(t for _, t in LAYERS)
-PHASES = ("Fe", "pin") + tuple(p for p, _ in LAYERS)
-
-
-def layer_at(rho: np.ndarray) -> np.ndarray:
-    """Index into LAYERS of the layer at spiral coordinate rho (mm past the roll start)."""
-    edges = np.cumsum([t for _, t in LAYERS])
-    return np.searchsorted(edges, np.mod(rho, PITCH), side="right")
-
-
-def spiral_maps(n: int = 128, px: float = 0.15, centre=(0.31, -0.22), r0: float = 1.5, turns: float = 3.0,
-                r_case: float = 9.0, rng=None) -> xr.Dataset:
-    """A jelly-roll cross-section: pin, spiral of LAYERS, steel casing; scale maps (phase, y, x)."""
-    ax = (np.arange(n) - (n - 1) / 2) * px
-    yy, xx = np.meshgrid(ax, ax, indexing="ij")
-    r = np.hypot(yy - centre[0], xx - centre[1])
-    theta = np.mod(np.arctan2(yy - centre[0], xx - centre[1]), 2 * np.pi)
-    rho = r - r0 - PITCH * theta / (2 * np.pi)
-    in_roll = (rho >= 0) & (r - r0 <= turns * PITCH)
-    lay = layer_at(rho)
-    scale = np.zeros((len(PHASES), n, n))
-    scale[PHASES.index("pin")] = r < r0 * 0.6
-    scale[PHASES.index("Fe")] = (r > r_case) & (r < r_case + 0.4)
-    for k, (name, _) in enumerate(LAYERS):
-        scale[PHASES.index(name)] += in_roll & (lay == k)
-    if rng is not None:
-        scale += rng.normal(0, 0.05, scale.shape)
-    coords = {"phase": list(PHASES), "y": ax, "x": ax}
-    return xr.Dataset({"scale": (("phase", "y", "x"), scale)}, coords=coords)
 
 
 def test_find_centre_from_casing(rng):

@@ -31,15 +31,6 @@ Q = np.linspace(1.2, 2.8, 64)
 NPIX = 40
 
 
-@pytest.fixture(scope="module")
-def dask_client():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        yield client
-
-
 def _volume_double(call):
     """A ``volume`` store of smooth random patterns on the model's q grid (stands in for reconstruct)."""
     rng = np.random.default_rng(int(call.dataset.id[1:]))
@@ -72,7 +63,7 @@ def _actor_pids() -> list[int]:
 @pytest.mark.slow
 def test_sigkill_ray_actor_mid_inference(tmp_path, dask_client):
     pytest.importorskip("ray")
-    from test_pqnet_model import write_random_entry
+    from _builders import write_random_entry
 
     from xrdscale.pqnet.model import ModelSpec
 

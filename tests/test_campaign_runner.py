@@ -23,15 +23,6 @@ from xrdscale.exceptions import InputError
 HERE = os.path.dirname(__file__)
 
 
-@pytest.fixture(scope="module")
-def dask_client():
-    from distributed import Client, LocalCluster
-
-    with LocalCluster(n_workers=1, threads_per_worker=2, processes=False, dashboard_address=None) as cluster, \
-            Client(cluster) as client:
-        yield client
-
-
 def _run(spec, stages=None, retry_delay=0.0):
     store = open_job_store(spec)
     try:

@@ -116,7 +116,7 @@ def test_every_store_kind_valid(tmp_path, kind):
 
 
 def test_files_of_every_kind_valid(tmp_path):
-    from test_pqnet_model import tiny_spec, write_random_entry
+    from _builders import tiny_spec, write_random_entry
 
     raw = write_raw(tmp_path / "scan.nxs")
     spec = write_spec(tmp_path / "campaign.yaml")
@@ -199,7 +199,7 @@ def test_raw_defects_named(tmp_path):
 
 
 def test_yaml_and_model_defects_named(tmp_path):
-    from test_pqnet_model import tiny_spec, write_random_entry
+    from _builders import tiny_spec, write_random_entry
 
     spec = write_spec(tmp_path / "spec.yaml", pipline={"integrate": {}})
     lib = tmp_path / "lib.yaml"

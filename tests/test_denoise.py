@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from test_reconstruct import phantom_sinograms, write_sinogram
+from _builders import phantom_sinograms, write_sinogram
 from xrdscale.io import storage
 from xrdscale.stages.denoise import N2IConfig, denoise
 from xrdscale.exceptions import ConfigError, InputError

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from test_reconstruct import phantom_sinograms
-from test_sinogram import STEP, scan_patterns
+from _builders import DISK_STEP as STEP
+from _builders import phantom_sinograms, scan_patterns
 from xrdscale.exceptions import IncompleteStoreError, InputError
 from xrdscale.io import contracts, storage
 from xrdscale.stages.reconstruct import reconstruct

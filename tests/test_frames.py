@@ -1,7 +1,7 @@
 """Raw readers: contract-layout HDF5 files (local and S3) and CBF/EDF series through fabio.
 
-``make_raw`` writes small raw datasets in the shared/DESIGN.md layout whose frames are
-made by pyFAI (``calcfrom1d``) from known 1D patterns; the integration tests reuse it.
+``make_raw`` (tests/_builders.py) writes small raw datasets in the shared/DESIGN.md layout
+whose frames are made by pyFAI (``calcfrom1d``) from known 1D patterns.
 """
 
 from __future__ import annotations
@@ -10,57 +10,13 @@ import os
 
 import fabio
 import h5py
-import hdf5plugin
 import numpy as np
 import pytest
-from pyFAI.detectors import Detector
-from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
+from _builders import FRAME_SHAPE as SHAPE
+from _builders import make_raw
 from xrdscale.io import frames
 from xrdscale.exceptions import InputError, StorageError
-
-WAVELENGTH = 0.130509  # Å
-SHAPE = (48, 40)
-
-
-def make_ai(shape=SHAPE) -> AzimuthalIntegrator:
-    det = Detector(pixel1=172e-6, pixel2=172e-6, max_shape=shape)
-    return AzimuthalIntegrator(dist=0.1, poni1=-0.0015, poni2=0.0035, rot1=0.0, detector=det,
-                               wavelength=WAVELENGTH * 1e-10)
-
-
-def peak_pattern(tth: np.ndarray, centres, widths, heights) -> np.ndarray:
-    out = np.full_like(tth, 5.0)
-    for c, w, h in zip(centres, widths, heights):
-        out += h * np.exp(-0.5 * ((tth - c) / w) ** 2)
-    return out
-
-
-def make_raw(path, angles, translations, *, shape=SHAPE, rng=None, monitor=None, poni_path=None):
-    """Write a contract-layout raw file; frame i shows a 1D pattern whose peak heights vary with i.
-
-    Returns the per-frame 1D patterns' parameters (heights) so callers can check them.
-    """
-    rng = rng or np.random.default_rng(0)
-    ai = make_ai(shape)
-    if poni_path is not None:
-        ai.write(str(poni_path))
-    n = len(angles)
-    tth = np.linspace(0.0, 6.0, 2000)
-    heights = rng.uniform(50, 400, size=(n, 3))
-    monitor = np.asarray(monitor if monitor is not None else rng.uniform(0.9, 1.1, n), dtype=np.float64)
-    with h5py.File(path, "w") as h5:
-        data = h5.create_dataset(frames.DATA, shape=(n, *shape), dtype=np.int32, chunks=(1, *shape),
-                                 **hdf5plugin.Bitshuffle())
-        for i in range(n):
-            one_d = peak_pattern(tth, (1.4, 2.2, 3.1), (0.05, 0.08, 0.06), heights[i])
-            img = ai.calcfrom1d(tth, one_d, shape=shape, dim1_unit="2th_deg", correctSolidAngle=True,
-                                polarization_factor=0.99)
-            data[i] = rng.poisson(np.clip(img, 0, None) * monitor[i]).astype(np.int32)
-        h5[frames.MONITOR] = monitor
-        h5[frames.ANGLE] = np.asarray(angles, dtype=np.float64)
-        h5[frames.TRANSLATION] = np.asarray(translations, dtype=np.float64)
-    return heights
 
 
 def test_open_raw_reads_positioners_and_frames(tmp_path):

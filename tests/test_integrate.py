@@ -10,10 +10,11 @@ import h5py
 import numpy as np
 import pyFAI
 import pytest
-from test_frames import SHAPE, make_raw
 
+from _builders import FRAME_SHAPE as SHAPE
+from _builders import make_raw
 from xrdscale.io import frames, storage
-from xrdscale.exceptions import InputError, StorageError, XrdscaleError
+from xrdscale.exceptions import InputError, StorageError, XrdscaleWarning
 from xrdscale.stages.integrate import integrate, patterns_dataset, resolve_spec
 
 NPT = 64
@@ -70,7 +71,7 @@ def test_patterns_equal_plain_pyfai_loop(raw, method):
 
 def test_trimmed_mean_recovers_known_pattern(raw):
     """Independent check: the integrated frames reproduce the 1D patterns they were made from."""
-    from test_frames import make_ai, peak_pattern
+    from _builders import make_ai, peak_pattern
 
     angles, trans = [0.0, 10.0], [0.0, 0.0]
     heights = make_raw(raw / "one.nxs", angles, trans, monitor=[1000.0, 2000.0])
@@ -238,7 +239,7 @@ def test_unreachable_s3_and_missing_object(raw, s3_bucket):
 
 
 @pytest.mark.s3
-def test_wrong_credentials(raw, tmp_path):
+def test_wrong_credentials(raw, tmp_path, monkeypatch):
     """A moto server that checks signatures (INITIAL_NO_AUTH_ACTION_COUNT=0) refuses unknown keys."""
     import socket
     import time
@@ -255,12 +256,29 @@ def test_wrong_credentials(raw, tmp_path):
                 if s.connect_ex(("127.0.0.1", port)) == 0:
                     break
             time.sleep(0.1)
+        wrong = {"XRDSCALE_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "wrong-key",
+                 "AWS_SECRET_ACCESS_KEY": "wrong-secret-value"}
         res = _cli("integrate", "s3://beamtime/raw.nxs", str(tmp_path / "p.zarr"), "--poni", str(raw / "det.poni"),
-                   env={"XRDSCALE_S3_ENDPOINT_URL": f"http://127.0.0.1:{port}", "AWS_ACCESS_KEY_ID": "wrong-key",
-                        "AWS_SECRET_ACCESS_KEY": "wrong-secret-value"})
+                   env=wrong)
+        for key, value in wrong.items():  # the same refusal in process: a StorageError, not botocore's
+            monkeypatch.setenv(key, value)
+        with pytest.raises(StorageError, match=r"s3://beamtime/raw\.nxs.*credentials") as refused:
+            frames.open_raw("s3://beamtime/raw.nxs")
     finally:
         proc.terminate()
         proc.wait(10)
     assert res.returncode == 1 and "s3://beamtime/raw.nxs" in res.stderr
     assert "credentials" in res.stderr and "wrong-secret-value" not in res.stderr
-    assert issubclass(StorageError, XrdscaleError)
+    assert "wrong-secret-value" not in str(refused.value)
+
+
+def test_q_range_beyond_the_detector_warns_and_its_bins_hold_zero(raw):
+    """The make_ai detector covers q 0.76 … 4.92 1/Å: from 0.2, the first bins get no pixel."""
+    out = str(raw / "p.zarr")
+    with pytest.warns(XrdscaleWarning, match=r"raw.nxs: q range \[0.2, 3\] 1/Å extends beyond the detector's "
+                                             r"coverage \[0.76\d*, 4.9\d*\] 1/Å .* narrow q_range"):
+        integrate(str(raw / "raw.nxs"), out, poni=str(raw / "det.poni"), npt=NPT, q_range=(0.2, 3.0),
+                  progress=False)
+    ds = storage.open_store(out, stage="patterns")
+    q, inten = ds["q"].values, ds["intensity"].values
+    assert np.all(inten[:, q < 0.7] == 0) and np.all(inten[:, q > 0.9] > 0)

@@ -69,9 +69,12 @@ def test_builtin_phases_are_physical():
         p = builtin_phase(name)
         assert 1.5 < p.density() < 9.5, name
         assert abs(sum(p.mass_fractions.values()) - 1) < 1e-9
-    # Published densities: Al 2.70, Cu 8.96, alpha-Fe 7.87 g/cm3.
+    # density() is the X-ray density of the unit cell (mass of its atoms / its volume), so the
+    # reference is the published X-ray density, not the handbook's bulk value (Cu 8.96 g/cm3,
+    # 0.3 % higher): Cu 8.935 g/cm3 for a = 3.6150 Å (Swanson & Tatge, NBS Circular 539 vol. 1
+    # (1953); ICDD PDF 00-004-0836), Al 2.70 g/cm3 (a = 4.049 Å, PDF 00-004-0787).
     assert builtin_phase("Al").density() == pytest.approx(2.70, rel=0.01)
-    assert builtin_phase("Cu").density() == pytest.approx(8.93, rel=0.01)
+    assert builtin_phase("Cu").density() == pytest.approx(8.935, rel=1e-3)
 
 
 def test_pattern_peak_areas_and_linearity():

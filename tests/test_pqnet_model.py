@@ -10,6 +10,8 @@ import pytest
 import torch
 from torch import nn
 
+from _builders import PQNET_YAML as YAML
+from _builders import tiny_spec, write_random_entry
 from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, IncompleteStoreError, InputError, StorageError
 from xrdscale.pqnet import registry
@@ -18,24 +20,6 @@ from xrdscale.pqnet.library import label_var, make_library, open_library
 from xrdscale.pqnet.model import ModelSpec, PQNet
 from xrdscale.pqnet.train import _select_routes
 from xrdscale.physics.phaselib import PhaseLibrary
-
-YAML = """\
-version: 1
-wavelength: 0.130509
-q_grid: {min: 1.16, max: 2.84, npt: 128}
-instrument: {U: 0.0, V: 0.0, W: 4.0e-4, X: 0.0}
-background: {chebyshev_order: 2, amplitude: [0.0, 0.05]}
-noise: {counts: [1.0e5, 1.0e7]}
-phases:
-  NCA: {builtin: NCA, scale: [0.1, 1], a: [2.810, 2.875], c: [14.15, 14.55]}
-  separator: {peak: {q: [1.52, 1.53], fwhm: [0.01, 0.05]}, scale: [0, 1]}
-"""
-
-
-def tiny_spec(npt: int = 64) -> ModelSpec:
-    routes = (("NCA", "scale"), ("NCA", "a"), ("NCA", "c"), ("Al", "scale"))
-    return ModelSpec(phases=("NCA", "Al"), routes=routes, npt=npt, target_mean=(0.5, 2.84, 14.3, 0.2),
-                     target_std=(0.2, 0.02, 0.1, 0.1), pattern_channels=4, phase_channels=3, hidden=8)
 
 
 def test_outputs_are_in_absolute_units(rng):
@@ -87,15 +71,6 @@ def test_onnx_engine_agrees_with_torch(rng):
     with torch.inference_mode():  # the bare torch forward pass of each member
         outs = np.stack([m(torch.from_numpy(x)).numpy() for m in members])
     np.testing.assert_allclose(m2, outs.mean(0), rtol=1e-5, atol=1e-6)
-
-
-def write_random_entry(url: str, spec: ModelSpec, q: np.ndarray, n: int = 2) -> str:
-    members = []
-    for i in range(n):
-        torch.manual_seed(i)
-        m = PQNet(spec).eval()
-        members.append(registry.MemberFiles(registry.state_bytes(m), export_onnx(m), {"seed": i}))
-    return registry.write_entry(url, spec=spec, q=q, phases_yaml=YAML, members=members, metrics={}, config={})
 
 
 def test_registry_roundtrip_and_content_id(tmp_path, rng):

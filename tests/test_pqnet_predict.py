@@ -19,7 +19,7 @@ from xrdscale.pqnet.predict import predict
 from xrdscale.pqnet.registry import open_entry
 from xrdscale.pqnet.serve import ServerPool
 
-from test_pqnet_model import write_random_entry
+from _builders import write_random_entry
 
 ray = pytest.importorskip("ray")
 

@@ -12,7 +12,7 @@ import pandas as pd
 import pytest
 import xarray as xr
 
-from test_analysis_unroll import spiral_maps
+from _builders import spiral_maps
 from xrdscale.io import storage
 from xrdscale.analysis.regions import CHARGE_ORDER
 from xrdscale.analysis.report import DatasetEntry, write_report

@@ -8,56 +8,15 @@ import sys
 
 import numpy as np
 import pytest
-import xarray as xr
 
+from _builders import DISK_AIR as AIR
+from _builders import DISK_Q as Q
+from _builders import DISK_STEP as STEP
+from _builders import disk_projection as projection
+from _builders import scan_patterns
 from xrdscale.io import storage
-from xrdscale.exceptions import IncompleteStoreError, InputError
+from xrdscale.exceptions import IncompleteStoreError, InputError, XrdscaleWarning
 from xrdscale.stages.sinogram import build_sinogram
-
-Q = np.linspace(1.0, 3.0, 24)
-DISKS = [  # x, y (mm), radius (mm), spectrum peak q
-    (0.8, -0.5, 1.2, 1.5),
-    (-1.0, 0.6, 0.7, 2.5),
-]
-STEP = 0.1
-AIR = 0.05 + 0.02 * Q
-
-
-def spectrum(q0):
-    return np.exp(-0.5 * ((Q - q0) / 0.15) ** 2) + 0.1
-
-
-def projection(theta_deg, u):
-    """Exact parallel-beam projections of the disks at axis-relative positions u: (len(u), len(Q))."""
-    th = np.radians(theta_deg)
-    out = np.zeros((np.size(u), Q.size))
-    for x, y, r, q0 in DISKS:
-        s = np.asarray(u) - (x * np.cos(th) + y * np.sin(th))
-        chord = 2 * np.sqrt(np.clip(r * r - s * s, 0, None))
-        out += chord[:, None] * spectrum(q0)[None, :]
-    return out
-
-
-def scan_patterns(path, *, center, angles, n_trans=81, rng=None, shuffle=True):
-    """Write a patterns store of a zigzag scan (every other line reversed), frames in acquisition order."""
-    t_grid = np.arange(n_trans) * STEP
-    rows, ang, trans = [], [], []
-    for k, a in enumerate(angles):
-        t = t_grid if k % 2 == 0 else t_grid[::-1]
-        rows.append(projection(a, t - center) + AIR)
-        ang.append(np.full(t.size, a))
-        trans.append(t)
-    inten = np.concatenate(rows)
-    if rng is not None:
-        inten = rng.poisson(inten * 200) / 200
-    ang, trans = np.concatenate(ang), np.concatenate(trans)
-    if shuffle:  # positioners, not order, decide where a pattern goes
-        perm = np.random.default_rng(1).permutation(ang.size)
-        inten, ang, trans = inten[perm], ang[perm], trans[perm]
-    ds = xr.Dataset({"intensity": (("frame", "q"), inten.astype(np.float32))},
-                    coords={"q": Q, "angle": ("frame", ang), "translation": ("frame", trans)})
-    storage.write_store(ds.chunk({"frame": 500}), str(path), stage="patterns")
-    return str(path)
 
 
 def interlaced_angles(n=60, subsets=4):
@@ -136,6 +95,17 @@ def test_bad_inputs(tmp_path):
     one = scan_patterns(tmp_path / "one.zarr", center=4.0, angles=[10.0])
     with pytest.raises(InputError, match="one rotation angle"):
         build_sinogram(one, out, progress=False)
+
+
+@pytest.mark.parametrize("given", [12.0, -0.5])
+def test_given_center_outside_the_scan_warns(tmp_path, given):
+    """Translations span 0 … 8 mm; an axis beyond them (mm given as steps, say) is no axis of this scan."""
+    src = scan_patterns(tmp_path / "p.zarr", center=4.0, angles=interlaced_angles(12, 2))
+    out = str(tmp_path / "s.zarr")
+    with pytest.warns(XrdscaleWarning, match=rf"rotation axis at translation {given:g} \(given\) lies outside the "
+                                             r"scanned translations \[0, 8\]; .* translation units of the scan"):
+        build_sinogram(src, out, center=given, air_columns=5, progress=False)
+    assert storage.open_store(out).attrs["center"] == given  # a warning, not a refusal: the user decides
 
 
 def test_cli_sinogram(tmp_path):

@@ -26,5 +26,9 @@ class IncompleteStoreError(InputError):
     """A store exists but was never marked complete (an interrupted or failed stage wrote it)."""
 
 
+class StageFailed(XrdscaleError):
+    """A stage of a campaign failed after all its attempts."""
+
+
 class XrdscaleWarning(UserWarning):
     """Warnings of xrdscale (turned into errors in the test suite)."""

@@ -23,17 +23,13 @@ from typing import Any
 
 from xrdscale.campaign.stages import CAMPAIGN, MODEL, Stage, StageCall, default_stages, input_identity
 from xrdscale.campaign.store import JobStore, default_url
-from xrdscale.exceptions import ConfigError, InputError, StorageError, XrdscaleError
+from xrdscale.exceptions import ConfigError, InputError, StageFailed, StorageError, XrdscaleError
 from xrdscale.io import storage
 
 logger = logging.getLogger(__name__)
 
 #: File the runner writes into a finished store: the hashes it was made for.
 HASH_FILE = ".xrdscale-campaign.json"
-
-
-class StageFailed(XrdscaleError):
-    """A stage failed after all its attempts."""
 
 
 @dataclass(frozen=True)
@@ -133,11 +129,22 @@ class Plan:
             return [n for need in self.disabled[name].needs for n in self._resolve_need(need)]
         raise ConfigError(f"stage table: unknown upstream stage {name!r}")
 
+    def _resolve_reads(self, name: str) -> list[str]:
+        """Like :meth:`_resolve_need` for :attr:`Stage.reads`: a stage the table lacks is left out."""
+        if name in self.stages or name == MODEL or name in self.disabled:
+            try:
+                return self._resolve_need(name)
+            except ConfigError:
+                return []
+        return []
+
     def _task(self, stage: Stage, ds: Any, done: dict[str, Task]) -> Task:
         did = CAMPAIGN if ds is None else ds.id
         inputs: dict[str, str] = {}
         upstream: dict[str, str] = {}
-        for need in (n for raw in stage.needs for n in self._resolve_need(raw)):
+        needs = [n for raw in stage.needs for n in self._resolve_need(raw)]
+        needs += [n for raw in stage.reads for n in self._resolve_reads(raw) if n not in needs]
+        for need in needs:
             if need == MODEL:
                 if self.model_url is None:
                     raise ConfigError("the spec names neither a model nor a phase library to train one from; "
@@ -281,7 +288,7 @@ class Runner:
             else:
                 self._event(task, "done")
                 return task.out
-        raise AssertionError("unreachable")
+        raise StageFailed(f"{task.dataset_id}: stage {task.stage.name} was not attempted (retries < 0?)")
 
     def _run_chain(self, tasks: list[Task], model: Future | None) -> str:
         out = ""

@@ -82,6 +82,9 @@ class Stage:
         PONI, phase library) whose identity enters the input hash.
     ray : bool
         The stage runs work on Ray; the runner connects Ray before it starts its threads.
+    reads : tuple of str
+        Further upstream outputs it reads that lie upstream of its ``needs`` anyway (so they
+        add no order); a stage the table lacks is left out of its inputs.
     """
 
     name: str
@@ -93,6 +96,7 @@ class Stage:
     suffix: str = ".zarr"
     external: Callable[[Any, Any], dict] = field(default=lambda spec, ds: {})
     ray: bool = False
+    reads: tuple[str, ...] = ()
 
 
 def _ray(call: StageCall) -> None:
@@ -235,7 +239,7 @@ def default_stages() -> list[Stage]:
               lambda s: {k: v for k, v in s.pipeline.absorption.hashed().items() if k not in ("mu_map", "maps")},
               needs=("sinogram",), enabled=lambda s: s.pipeline.absorption.enabled, external=_absorption_inputs),
         Stage("reconstruct", _run_reconstruct, _hashed("reconstruct"), needs=("absorption",)),
-        Stage("denoise", _run_denoise, _hashed("denoise"), needs=("absorption", "reconstruct"),
+        Stage("denoise", _run_denoise, _hashed("denoise"), needs=("reconstruct",), reads=("absorption",),
               enabled=lambda s: s.pipeline.denoise.enabled),
         Stage("analyse", _run_analyse, _hashed("analyse"), needs=("denoise", MODEL), ray=True),
         Stage("report", _run_report, _hashed("report"), scope="report", suffix=""),

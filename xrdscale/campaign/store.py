@@ -216,7 +216,7 @@ class JobStore:
                error: str | None = None, attempt: bool = False) -> None:
         """Change the status of a row; ``attempt`` counts one more attempt and sets the start time."""
         if status not in STATUSES:
-            raise ValueError(f"unknown status {status!r}")
+            raise ConfigError(f"unknown stage status {status!r}; expected one of {', '.join(STATUSES)}")
         values: dict = {"status": status}
         if attempt:
             values["attempts"] = stage_runs.c.attempts + 1

@@ -26,7 +26,6 @@ import contextlib
 import logging
 import os
 import socket
-import threading
 from collections.abc import Iterator
 from typing import Annotated, Any, Literal, NamedTuple
 from urllib.parse import urlparse
@@ -35,6 +34,11 @@ from pydantic import Field
 
 from xrdscale.config import Model
 from xrdscale.exceptions import ConfigError, StorageError
+from xrdscale.runtime.ray import RayHandle
+
+__all__ = ["CLOSE_TIMEOUT", "WORKER_MALLOC_ENV", "AddressCluster", "ClusterSpec", "Connection", "KubernetesCluster",
+           "LocalCluster", "RayHandle", "check_reachable", "cluster_from_option", "connect", "worker_environ",
+           "worker_log_level", "worker_ray_environ"]
 
 logger = logging.getLogger(__name__)
 
@@ -75,59 +79,6 @@ ClusterSpec = Annotated[LocalCluster | AddressCluster | KubernetesCluster, Field
 
 
 
-class RayHandle:
-    """Connects to Ray on first use and disconnects on :meth:`close`.
-
-    Parameters
-    ----------
-    address : str or None
-        ``None`` starts a local Ray instance; else a Ray address (``ray://host:10001``, ``auto``).
-    num_cpus : int, optional
-        CPUs of a local instance.
-    """
-
-    def __init__(self, address: str | None = None, num_cpus: int | None = None) -> None:
-        self.address = address
-        self.num_cpus = num_cpus
-        self._lock = threading.Lock()
-        self._started = False
-
-    def ensure(self) -> Any:
-        """Initialise Ray if it is not yet (reusing an instance started by someone else); returns ``ray``."""
-        import ray
-
-        with self._lock:
-            if not ray.is_initialized():
-                kwargs: dict[str, Any] = {"log_to_driver": False, "configure_logging": False}
-                if self.address is None:
-                    kwargs.update(num_cpus=self.num_cpus, include_dashboard=False)
-                else:
-                    kwargs["address"] = self.address
-                try:
-                    ray.init(**kwargs)
-                except (ConnectionError, TimeoutError, RuntimeError) as exc:
-                    raise StorageError(
-                        f"cannot connect to Ray at {self.address or 'a new local instance'}: {exc}; check that "
-                        "the Ray cluster runs and the address (ray://host:10001)"
-                    ) from exc
-                self._started = True
-                logger.info("Ray started at %s", self.address or "local")
-        return ray
-
-    @property
-    def started(self) -> bool:
-        """True once this handle initialised Ray."""
-        return self._started
-
-    def close(self) -> None:
-        """Shut Ray down if this handle started it."""
-        if self._started:
-            import ray
-
-            ray.shutdown()
-            self._started = False
-
-
 class Connection(NamedTuple):
     """What :func:`connect` yields: the Dask client and the Ray handle."""
 
@@ -165,15 +116,6 @@ def check_reachable(address: str, *, default_port: int, timeout: float = 3.0, wh
         ) from exc
 
 
-def _cuda_available() -> bool:
-    try:
-        import torch
-
-        return bool(torch.cuda.is_available())
-    except ImportError:
-        return False
-
-
 #: Worker environment of the local clusters xrdscale starts. Dask's default
 #: ``MALLOC_TRIM_THRESHOLD_=65536`` also fixes glibc's mmap threshold, so every large
 #: temporary (pyFAI allocates tens of MB per Pilatus 2M frame) is mmapped and page-faulted
@@ -185,41 +127,69 @@ def _cuda_available() -> bool:
 #: thread on the main heap, where the thresholds above apply.
 WORKER_MALLOC_ENV = {"MALLOC_MMAP_THRESHOLD_": 2**28, "MALLOC_TRIM_THRESHOLD_": 2**29, "MALLOC_ARENA_MAX": 1}
 
+#: Seconds a worker process gets to exit when a cluster xrdscale started closes.
+CLOSE_TIMEOUT = 30.0
+
+
+def worker_ray_environ() -> dict[str, str]:
+    """Environment a local Dask worker needs to attach to the local Ray instance.
+
+    A new local Ray enables token authentication (the token is in ``~/.ray/auth_token``);
+    workers that reach its actors must be in token mode too, unless the user chose a mode.
+    """
+    return {"RAY_AUTH_MODE": os.environ.get("RAY_AUTH_MODE", "token")}
+
+
+def worker_log_level() -> int:
+    """Level of the ``distributed`` logs of local worker processes: that of this process.
+
+    The command line sets it (quiet unless ``-v``); a library user's logging config is
+    followed the same way.
+    """
+    return logging.getLogger("distributed").getEffectiveLevel()
+
 
 @contextlib.contextmanager
 def worker_environ() -> Iterator[None]:
-    """Dask config under which new local worker processes get :data:`WORKER_MALLOC_ENV`."""
+    """Dask config under which new local worker processes get their environment.
+
+    :data:`WORKER_MALLOC_ENV` before the process starts (glibc reads it then) and
+    :func:`worker_ray_environ` in the worker. xrdscale does not change this process's
+    environment (distributed's nanny copies the pre-spawn variables into it to spawn a worker).
+    """
     import dask
 
-    environ = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_MALLOC_ENV}
-    with dask.config.set({"distributed.nanny.pre-spawn-environ": environ}):
+    pre_spawn = {**dask.config.get("distributed.nanny.pre-spawn-environ", {}), **WORKER_MALLOC_ENV}
+    environ = {**worker_ray_environ(), **dask.config.get("distributed.nanny.environ", {})}
+    with dask.config.set({"distributed.nanny.pre-spawn-environ": pre_spawn, "distributed.nanny.environ": environ}):
         yield
 
 
-def _local_cluster(spec: Any) -> Any:
-    from distributed import LocalCluster
+def _local_cluster(spec: LocalCluster) -> Any:
+    from distributed import LocalCluster as DaskLocalCluster
+
+    from xrdscale.runtime.devices import resolve_device
 
     kwargs = dict(n_workers=spec.workers, threads_per_worker=spec.threads_per_worker,
                   memory_limit=spec.memory_limit, dashboard_address=":0" if spec.dashboard else None,
-                  silence_logs=logging.ERROR)
-    if spec.gpu:
-        if _cuda_available():
-            try:
-                from dask_cuda import LocalCUDACluster
-            except ImportError as exc:
-                raise ConfigError(
-                    "cluster.gpu is true and CUDA is present, but dask-cuda is not installed; "
-                    "install it with: pip install 'xrdscale[gpu]'"
-                ) from exc
-            logger.info("starting a LocalCUDACluster (one worker per GPU)")
+                  silence_logs=worker_log_level())
+    if spec.gpu and resolve_device("cuda", what="cluster.gpu") != "cpu":
+        try:
+            from dask_cuda import LocalCUDACluster
+        except ImportError as exc:
+            raise ConfigError(
+                "cluster.gpu is true and CUDA is present, but dask-cuda is not installed; "
+                "install it with: pip install 'xrdscale[gpu]'"
+            ) from exc
+        logger.info("starting a LocalCUDACluster (one worker per GPU)")
+        with worker_environ():
             return LocalCUDACluster(threads_per_worker=spec.threads_per_worker,
-                                    dashboard_address=kwargs["dashboard_address"], silence_logs=logging.ERROR)
-        logger.info("cluster.gpu is true but no CUDA device is present: using a CPU LocalCluster")
+                                    dashboard_address=kwargs["dashboard_address"], silence_logs=kwargs["silence_logs"])
     with worker_environ():
-        return LocalCluster(**kwargs)
+        return DaskLocalCluster(**kwargs)
 
 
-def _kube_cluster(spec: Any) -> Any:
+def _kube_cluster(spec: KubernetesCluster) -> Any:
     try:
         from dask_kubernetes.operator import KubeCluster
     except ImportError as exc:
@@ -236,19 +206,21 @@ def _kube_cluster(spec: Any) -> Any:
 
 
 @contextlib.contextmanager
-def connect(spec: Any) -> Iterator[Connection]:
+def connect(spec: LocalCluster | AddressCluster | KubernetesCluster) -> Iterator[Connection]:
     """Connect Dask and Ray for the cluster section ``spec`` of a campaign.
 
     Parameters
     ----------
     spec : LocalCluster, AddressCluster or KubernetesCluster
-        The ``cluster:`` section (see :mod:`xrdscale.campaign.spec`).
+        The ``cluster:`` section of a campaign spec.
 
     Yields
     ------
     Connection
         ``(client, ray)``: a :class:`distributed.Client` set as the default scheduler and a
-        :class:`RayHandle`. Whatever this call started is stopped on exit.
+        :class:`RayHandle`. Whatever this call started is stopped on exit, in order: Ray in
+        the workers, the client, the cluster (its workers get :data:`CLOSE_TIMEOUT` seconds to
+        exit), then Ray.
 
     Raises
     ------
@@ -261,25 +233,21 @@ def connect(spec: Any) -> Iterator[Connection]:
 
     kind = spec.kind
     cluster = None
-    if kind == "address":
+    if isinstance(spec, AddressCluster):
         check_reachable(spec.dask, default_port=8786, what="Dask scheduler")
         if spec.ray:
             check_reachable(spec.ray, default_port=10001, what="Ray cluster")
-    if kind == "local":
-        # Dask workers attach to the local Ray to reach the inference actors; Ray enables token
-        # auth for a new local cluster, so the workers must start in token mode too (the token
-        # itself is in the user's ~/.ray/auth_token, shared by both).
-        os.environ.setdefault("RAY_AUTH_MODE", "token")
+    if isinstance(spec, LocalCluster):
         cluster = _local_cluster(spec)
         client = Client(cluster)
         ray_handle = RayHandle(None, num_cpus=max(1, sum(client.nthreads().values())))
-    elif kind == "address":
+    elif isinstance(spec, AddressCluster):
         try:
             client = Client(spec.dask, timeout=spec.timeout)
         except (OSError, TimeoutError) as exc:
             raise StorageError(f"cannot connect to the Dask scheduler at {spec.dask}: {exc}") from exc
         ray_handle = RayHandle(spec.ray or None)
-    elif kind == "kubernetes":
+    elif isinstance(spec, KubernetesCluster):
         cluster = _kube_cluster(spec)
         client = Client(cluster, timeout=spec.timeout)
         ray_handle = RayHandle(spec.ray or None)
@@ -290,13 +258,65 @@ def connect(spec: Any) -> Iterator[Connection]:
     try:
         yield Connection(client, ray_handle)
     finally:
-        ray_handle.close()
-        client.close()
-        if cluster is not None and kind == "local":
-            cluster.close()
+        _close(client, cluster if kind == "local" else None, ray_handle)
 
 
-def cluster_from_option(option: str, current: Any) -> Any:
+def _ray_disconnect() -> None:
+    """Disconnect this (worker) process from Ray, if it is connected."""
+    import sys
+
+    ray = sys.modules.get("ray")
+    if ray is not None and ray.is_initialized():
+        ray.shutdown()
+
+
+def _close(client: Any, cluster: Any, ray_handle: RayHandle) -> None:
+    """Stop what :func:`connect` started, without leaving worker processes to be killed.
+
+    Workers that attached to the local Ray (the inference tasks do) disconnect while it still
+    runs; a worker still connected to a Ray that is gone takes longer to exit than the nanny
+    waits, and is killed.
+    """
+    if ray_handle.started and cluster is not None:
+        try:
+            client.run(_ray_disconnect, wait=True)
+        except Exception as exc:  # a worker that is gone need not disconnect
+            logger.debug("could not disconnect the workers from Ray: %s", exc)
+    try:
+        client.close(timeout=CLOSE_TIMEOUT)
+    finally:
+        try:
+            if cluster is not None:
+                _retire(cluster)
+                cluster.close(timeout=CLOSE_TIMEOUT)
+        finally:
+            ray_handle.close()
+
+
+def _retire(cluster: Any) -> None:
+    """Close the workers of a local ``cluster``, giving each process :data:`CLOSE_TIMEOUT` seconds.
+
+    ``cluster.close`` closes the nannies with distributed's fixed 5 s (a worker process that
+    takes 4 s to exit, as one that imported torch and Ray can on a loaded machine, is killed
+    with a warning); closing them first with a longer timeout lets them exit on their own.
+    """
+    import asyncio
+
+    workers = list(getattr(cluster, "workers", {}).values())
+    if not workers:
+        return
+
+    async def close_all() -> None:
+        await asyncio.gather(*(w.close(timeout=CLOSE_TIMEOUT) for w in workers), return_exceptions=True)
+
+    try:
+        cluster.sync(close_all)
+    except Exception as exc:
+        logger.debug("closing the workers of %s: %s", cluster, exc)
+
+
+def cluster_from_option(option: str, current: LocalCluster | AddressCluster | KubernetesCluster
+                        ) -> LocalCluster | AddressCluster | KubernetesCluster:
     """Build a cluster section from the ``--cluster`` command-line option.
 
     Parameters

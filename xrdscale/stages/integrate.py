@@ -25,6 +25,7 @@ import logging
 import os
 import tempfile
 import threading
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Annotated, Any, ClassVar
@@ -38,9 +39,10 @@ from dask.highlevelgraph import HighLevelGraph
 from pydantic import Field, field_validator
 
 from xrdscale.config import one_of
-from xrdscale.exceptions import ConfigError, InputError
+from xrdscale.exceptions import ConfigError, InputError, XrdscaleWarning
 from xrdscale.io import frames as rawframes
 from xrdscale.io import storage
+from xrdscale.runtime.progress import report
 from xrdscale.stages.base import StageConfig, guarded, runtime_field, write_output
 
 logger = logging.getLogger(__name__)
@@ -245,6 +247,7 @@ def _integrate_block(start: int, monitor: np.ndarray, *, source: rawframes.RawSo
             raise InputError(f"{source.name}: frame {i} has no valid pixel in q range {spec.q_range} (every pixel "
                              "is masked); check the mask, the q range and the frame")
         out[i - start] = res.intensity
+        report(1)  # one frame done: the progress moves per frame, not per chunk
     return out
 
 
@@ -294,6 +297,13 @@ def resolve_spec(scan: rawframes.RawScan, *, poni: str, mask: str | None = None,
         raise InputError(f"q range [{lo}, {hi}] 1/Å is outside the detector's coverage "
                          f"[{qvalid.min():.4g}, {qvalid.max():.4g}] 1/Å for {scan.source.name}; every pixel would "
                          "be masked — choose a q range the detector covers")
+    # More than a bin (and 1 % of the range) beyond the unmasked pixels: whole bins get no pixel.
+    margin = max((hi - lo) / npt, 0.01 * (hi - lo))
+    if lo < qvalid.min() - margin or hi > qvalid.max() + margin:
+        warnings.warn(f"{scan.source.name}: q range [{lo:.4g}, {hi:.4g}] 1/Å extends beyond the detector's "
+                      f"coverage [{qvalid.min():.4g}, {qvalid.max():.4g}] 1/Å (unmasked pixels); the bins outside "
+                      "it get no pixel and hold 0 — narrow q_range (--q-range) to the coverage", XrdscaleWarning,
+                      stacklevel=2)
     return IntegratorSpec(poni=poni_text, mask_url=mask, mask_sha256=mask_sha,
                           frame_shape=(int(shape[0]), int(shape[1])),
                           npt=int(npt), q_range=(lo, hi), method=method, percentile=(lo_p, hi_p),

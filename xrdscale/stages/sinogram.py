@@ -22,6 +22,7 @@ translations for a few channels — the layout the per-channel reconstruction re
 from __future__ import annotations
 
 import logging
+import warnings
 from dataclasses import dataclass
 from typing import Any, ClassVar, Literal
 
@@ -32,7 +33,7 @@ import scipy.sparse as sp
 import xarray as xr
 from pydantic import Field, field_validator
 
-from xrdscale.exceptions import InputError
+from xrdscale.exceptions import InputError, XrdscaleWarning
 from xrdscale.io import storage
 from xrdscale.stages.base import StageConfig, current_client, guarded, write_output
 
@@ -279,6 +280,13 @@ def sinogram_dataset(src: xr.Dataset, config: SinogramConfig, *, client: Any = N
     else:
         c, method = float(center), "given"
     logger.info("%s: rotation axis at translation %.5g (%s)", name, c, method)
+    if not translation.min() <= c <= translation.max():
+        hint = ("give it in the translation units of the scan (mm)" if method == "given"
+                else "check the scan (does it cross the rotation axis?) or give --center")
+        warnings.warn(f"{name}: rotation axis at translation {c:.5g} ({method}) lies outside the scanned "
+                      f"translations [{translation.min():.5g}, {translation.max():.5g}]; no measured ray passes "
+                      f"through it and the reconstruction will not show the sample — {hint}", XrdscaleWarning,
+                      stacklevel=2)
     out_angle, u, W = placement(lines, translation, c, pat.shape[0], angle_tolerance)
     n_q = pat.shape[1]
     q_chunk = int(max(1, min(n_q, CHUNK_BYTES // (4 * max(pat.shape[0], out_angle.size * u.size)))))
