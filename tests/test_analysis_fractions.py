@@ -10,8 +10,8 @@ from scipy.optimize import nnls
 
 from xrdscale.analysis.fractions import weight_fractions, with_weight_fractions
 from xrdscale.exceptions import InputError
-from xrdscale.physics.pattern import Instrument, simulate_patterns
 from xrdscale.physics.crystal import builtin_cif, builtin_phase
+from xrdscale.physics.pattern import Instrument, simulate_patterns
 
 WAVELENGTH = 0.130509
 AVOGADRO = 6.02214076e23

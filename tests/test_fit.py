@@ -6,8 +6,8 @@ import numpy as np
 import pytest
 
 from xrdscale.exceptions import InputError
-from xrdscale.stages.fit import fit_pattern
 from xrdscale.physics.phaselib import PhaseLibrary
+from xrdscale.stages.fit import fit_pattern
 
 LIBRARY = """version: 1
 wavelength: 0.130509

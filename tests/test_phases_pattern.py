@@ -7,9 +7,9 @@ import pytest
 import xraylib
 
 from xrdscale.exceptions import ConfigError, InputError
+from xrdscale.physics.crystal import BUILTIN_PHASES, Phase, builtin_phase
 from xrdscale.physics.pattern import Instrument, simulate_patterns, tch
 from xrdscale.physics.phaselib import PhaseLibrary
-from xrdscale.physics.crystal import BUILTIN_PHASES, Phase, builtin_phase
 
 WAVELENGTH = 0.130509
 

@@ -12,14 +12,14 @@ from torch import nn
 
 from _builders import PQNET_YAML as YAML
 from _builders import tiny_spec, write_random_entry
-from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, IncompleteStoreError, InputError, StorageError
+from xrdscale.io import storage
+from xrdscale.physics.phaselib import PhaseLibrary
 from xrdscale.pqnet import registry
 from xrdscale.pqnet.engine import Ensemble, export_onnx
 from xrdscale.pqnet.library import label_var, make_library, open_library
 from xrdscale.pqnet.model import ModelSpec, PQNet
 from xrdscale.pqnet.train import _select_routes
-from xrdscale.physics.phaselib import PhaseLibrary
 
 
 def test_outputs_are_in_absolute_units(rng):

@@ -8,12 +8,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
-from xrdscale.io import contracts, storage
 from xrdscale.exceptions import ConfigError
-from xrdscale.simulate.geometry import DetectorModel, ray_matrix
-from xrdscale.physics.pattern import Instrument, simulate_patterns
-from xrdscale.simulate.phantom import make_phantom
+from xrdscale.io import contracts, storage
 from xrdscale.physics.crystal import builtin_phase
+from xrdscale.physics.pattern import Instrument, simulate_patterns
+from xrdscale.simulate.geometry import DetectorModel, ray_matrix
+from xrdscale.simulate.phantom import make_phantom
 from xrdscale.simulate.scan import plan_scan, scan_phantom
 
 WL = 0.130509
@@ -218,7 +218,8 @@ def test_scan_streams_to_s3(s3_bucket, tmp_path):
     raw, truth = f"{s3_bucket}/bt/raw/x.nxs", f"{s3_bucket}/bt/truth/x.zarr"
     scan_phantom(make_phantom(16, seed=1), raw, truth, det, Instrument(WL), n_angles=4, subsets=2,
                  truth_q=np.linspace(1.2, 3.6, 50), seed=1)
-    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": storage.storage_options(raw)["client_kwargs"]["endpoint_url"]})
+    endpoint = storage.storage_options(raw)["client_kwargs"]["endpoint_url"]
+    fs = s3fs.S3FileSystem(client_kwargs={"endpoint_url": endpoint})
     fs.get(raw.replace("s3://", ""), str(tmp_path / "x.nxs"))
     with h5py.File(tmp_path / "x.nxs", "r") as f:
         assert f["/entry/data/data"].shape == (64, 24, 24)

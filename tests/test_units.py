@@ -16,12 +16,12 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from xrdscale.io import storage
 from xrdscale.physics.crystal import builtin_phase
 from xrdscale.physics.pattern import Instrument, simulate_patterns
 from xrdscale.pqnet.library import make_library
 from xrdscale.pqnet.predict import predict
 from xrdscale.pqnet.train import train_ensemble
-from xrdscale.io import storage
 
 ray = pytest.importorskip("ray")
 

@@ -57,19 +57,32 @@ def _valid_keys(model: type[BaseModel] | None, loc: tuple[Any, ...]) -> list[str
     if model is None:
         return None
     candidates: list[Any] = [model]
+    mapping = False  # the previous part was a dict field: this part is one of its keys
     for part in loc[:-1]:
-        if isinstance(part, int):
-            continue  # list items: _models_in already looked through list[...]
+        if isinstance(part, int) or mapping:
+            mapping = False
+            continue  # list items and dict keys: _models_in already looked through list[...]/dict[...]
         nxt: list[Any] = []
         for cls in candidates:
             fields = cls.model_fields
             if part in fields:
                 nxt += _models_in(fields[part].annotation)
+                mapping = mapping or _is_mapping(fields[part].annotation)
             elif any(f.default == part for f in fields.values()):
                 nxt.append(cls)  # the tag of a discriminated union: the member itself
         candidates = nxt
     keys = sorted({k for cls in candidates for k in cls.model_fields})
     return keys or None
+
+
+def _is_mapping(annotation: Any) -> bool:
+    """True for ``dict[...]`` (optionally ``| None``)."""
+    import typing
+
+    args = [a for a in typing.get_args(annotation) if a is not type(None)]
+    if typing.get_origin(annotation) is dict:
+        return True
+    return any(typing.get_origin(a) is dict for a in args)
 
 
 def _models_in(annotation: Any) -> list[Any]:

@@ -32,6 +32,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -47,7 +48,7 @@ logger = logging.getLogger(__name__)
 REQUIRED = ("scale",)
 
 
-def resolve_phases(names: Sequence[str], phases: Mapping[str, object] | None = None) -> dict[str, object]:
+def resolve_phases(names: Sequence[str], phases: Mapping[str, Any] | None = None) -> dict[str, Any]:
     """Return the phase object of every name, from ``phases`` or the built-in phases.
 
     Parameters
@@ -64,7 +65,7 @@ def resolve_phases(names: Sequence[str], phases: Mapping[str, object] | None = N
     InputError
         A name is neither in ``phases`` nor a built-in phase.
     """
-    out: dict[str, object] = {}
+    out: dict[str, Any] = {}
     unknown = []
     for name in names:
         if phases is not None and name in phases:
@@ -108,7 +109,8 @@ def require(maps: xr.Dataset, variables: Sequence[str] = (), phases: Sequence[st
                          "analyse the dataset with a model that predicts them")
 
 
-def _mass_factor(maps: xr.DataArray, objs: Mapping[str, object], names: Sequence[str]) -> tuple[xr.DataArray, xr.DataArray]:
+def _mass_factor(maps: xr.Dataset, objs: Mapping[str, Any],
+                 names: Sequence[str]) -> tuple[xr.DataArray, xr.DataArray]:
     """``k = ZMV/V²`` (phase, …) per pixel and its relative variance from the lattice std maps."""
     ph = xr.DataArray(list(names), dims="phase", name="phase")
     k = xr.DataArray([mass_factor(objs[n]) for n in names], dims="phase", coords={"phase": ph})

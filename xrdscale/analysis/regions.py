@@ -93,7 +93,8 @@ def classify_regions(series: Sequence[tuple[float, xr.DataArray | xr.Dataset]], 
                          f"got {len(series)} ({', '.join(ids) or 'none'}); add the other voltages of the cycle")
     volts = [float(v) for v, _ in series]
     if len(set(volts)) != len(volts):
-        raise InputError(f"the voltage series has repeated voltages {volts} ({', '.join(ids)}); give one dataset per voltage")
+        raise InputError(f"the voltage series has repeated voltages {volts} ({', '.join(ids)}); "
+                         "give one dataset per voltage")
     order_idx = np.argsort(volts)
     masses = []
     for i in order_idx:

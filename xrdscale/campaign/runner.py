@@ -196,11 +196,6 @@ def check_inputs(spec: Any) -> None:
         lines = "\n  ".join(missing)
         raise InputError(f"{len(missing)} input(s) of campaign {spec.campaign!r} do not exist:\n  {lines}\n"
                          "check the paths (relative to the spec file) and that the files were copied; nothing was run")
-    from xrdscale.stages.integrate import load_poni
-
-    # a PONI that pyFAI cannot use fails here, before any stage, not in every integrate task
-    load_poni(storage.read_bytes(spec.geometry.poni).decode("utf-8", "replace"),
-              f"geometry.poni {storage.redact(spec.geometry.poni)}")
 
 
 def is_done(task: Task) -> bool:
@@ -379,6 +374,12 @@ def run_campaign(spec: Any, *, stages: Sequence[Stage] | None = None, on_event: 
 
     check_inputs(spec)
     plan = Plan(spec, stages)
+    if "integrate" in plan.stages:
+        from xrdscale.stages.integrate import load_poni
+
+        # a PONI that pyFAI cannot use fails here, before any stage, not in every integrate task
+        load_poni(storage.read_bytes(spec.geometry.poni).decode("utf-8", "replace"),
+                  f"geometry.poni {storage.redact(spec.geometry.poni)}")
     with connect(spec.cluster) as (client, ray_handle):
         store = open_job_store(spec)
         try:

@@ -160,7 +160,7 @@ def _run_absorption(call: StageCall) -> None:
     from xrdscale.stages.absorption import correct_absorption
 
     correct_absorption(call.inputs["sinogram"], call.out, config=_absorption_config(call.spec, call.dataset),
-                       progress=False)
+                       phases=_phases(call.spec), progress=False)
 
 
 def _sinogram_input(inputs: Mapping[str, str]) -> str:

@@ -33,18 +33,50 @@ def _version(value: bool) -> None:
         raise typer.Exit()
 
 
+#: Loggers of the engines that talk a lot at INFO (scheduler and nanny lifecycle, Ray start-up);
+#: quiet (ERROR) unless -v. Other libraries log at WARNING unless -v.
+CHATTY_LOGGERS: tuple[str, ...] = ("distributed", "distributed.client", "distributed.gc", "bokeh", "tornado",
+                                   "tornado.application", "ray", "silx", "silx.opencl.common")
+
+
 @app.callback()
 def _root(
     version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
-    verbose: int = typer.Option(0, "--verbose", "-v", count=True, help="More log output (-v info, -vv debug)."),
+    verbose: int = typer.Option(0, "--verbose", "-v", count=True,
+                                help="Show the engines' logs too (Dask, Ray, torch, pyFAI): -v info, -vv debug."),
 ) -> None:
     """XRD-CT campaigns of working batteries to chemical maps with uncertainty."""
-    level = logging.WARNING - 10 * min(verbose, 2)
-    logging.basicConfig(level=level, format="%(message)s", datefmt="[%X]",
-                        handlers=[RichHandler(console=err_console, show_path=False)], force=True)
+    # Quiet by default: xrdscale's own progress and results at INFO, other libraries' warnings,
+    # and nothing of the chatty engines below ERROR. -v brings everything back at INFO, -vv at DEBUG.
+    import dask
+
+    verbose = min(verbose, 2)
+    level = (logging.WARNING, logging.INFO, logging.DEBUG)[verbose]
+    engines = logging.ERROR if verbose == 0 else level
+    if err_console.is_terminal:
+        handler: logging.Handler = RichHandler(console=err_console, show_path=False, show_level=True)
+        handler.setFormatter(logging.Formatter("%(message)s" if verbose == 0 else "%(name)s: %(message)s",
+                                               datefmt="[%X]"))
+    else:  # a log file or a pipe: one plain line per record, no wrapping
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter(
+            "%(asctime)s %(levelname)s " + ("%(message)s" if verbose == 0 else "%(name)s: %(message)s"),
+            datefmt="%Y-%m-%d %H:%M:%S"))
+    logging.basicConfig(level=level, handlers=[handler], force=True)
     logging.getLogger("xrdscale").setLevel(min(level, logging.INFO))
-    # pyFAI's silx probes for OpenCL on import and warns when it is absent: not our user's problem.
-    logging.getLogger("silx.opencl.common").setLevel(logging.ERROR)
+    for name in CHATTY_LOGGERS:
+        chatty = logging.getLogger(name)
+        chatty.setLevel(engines)
+        chatty.handlers.clear()  # distributed may have added its own stderr handler: use ours
+        chatty.propagate = True
+    level_name = logging.getLevelName(engines).lower()
+    # distributed configures its loggers from this when it is imported (here, later); worker
+    # processes of local clusters take the level of this process's "distributed" logger, and
+    # Ray's driver-side logger is set from xrdscale.ray.logging-level at ray.init.
+    dask.config.set({"logging": {"distributed": level_name, "distributed.client": level_name,
+                                 "distributed.gc": level_name, "bokeh": "error", "tornado": "critical",
+                                 "tornado.application": "error"},
+                     "xrdscale.ray.logging-level": level_name})
 
 
 def _register() -> None:

@@ -26,11 +26,10 @@ def library_cmd(
     seed: int = typer.Option(0, "--seed", help="Seed of the library."),
 ) -> None:
     """Simulate a training library of patterns with their labels (in parallel on Dask)."""
-    from dask.diagnostics import ProgressBar
-
     from xrdscale.pqnet.library import make_library
+    from xrdscale.runtime.progress import track_local
 
-    with ProgressBar():
+    with track_local("library"):
         make_library(phases, out, n=n, q_range=q_range, npt=npt, seed=seed)
     typer.echo(f"wrote library {out}")
 

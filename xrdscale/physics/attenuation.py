@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import TYPE_CHECKING, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import numpy as np
 import xraylib
@@ -159,7 +159,7 @@ def phase_composition(phase: str | Phase | AmorphousPeak) -> Composition:
 def mu_from_fractions(fractions: Mapping[str, np.ndarray], *, energy_kev: float = DEFAULT_ENERGY_KEV,
                       basis: str = "volume", packing: float = 1.0,
                       composition: Mapping[str, tuple[Mapping[str, float], float]] | None = None,
-                      phases: Mapping[str, object] | None = None) -> np.ndarray:
+                      phases: Mapping[str, Any] | None = None) -> np.ndarray:
     """Linear attenuation map μ [1/mm] from per-phase fraction maps.
 
     Parameters
@@ -184,17 +184,16 @@ def mu_from_fractions(fractions: Mapping[str, np.ndarray], *, energy_kev: float 
         raise ConfigError(f"unknown fraction basis {basis!r}; expected 'volume' or 'weight'")
     if not fractions:
         raise InputError("no phase fraction maps given; give at least one phase")
-    mu_cm = None
-    inv_rho = None
+    mu_cm: Any = 0.0
+    inv_rho: Any = 0.0
     for name, frac in fractions.items():
         given = (composition or {}).get(name)
         mass_fractions, rho = given or phase_composition((phases or {}).get(name, name))
         f = np.nan_to_num(np.asarray(frac, dtype=np.float64), nan=0.0)
         mu_rho = mass_attenuation(mass_fractions, energy_kev)
-        term = f * (rho * mu_rho if basis == "volume" else mu_rho)
-        mu_cm = term if mu_cm is None else mu_cm + term
-        inv_rho = f / rho if inv_rho is None else inv_rho + f / rho
+        mu_cm = mu_cm + f * (rho * mu_rho if basis == "volume" else mu_rho)
+        inv_rho = inv_rho + f / rho
     if basis == "weight":
         rho_mix = np.divide(1.0, inv_rho, out=np.zeros_like(inv_rho), where=inv_rho > 0)
         mu_cm = packing * rho_mix * mu_cm
-    return mu_cm / 10.0  # 1/cm -> 1/mm
+    return np.asarray(mu_cm, dtype=np.float64) / 10.0  # 1/cm -> 1/mm

@@ -292,15 +292,15 @@ class PeakTable:
 
     def q(self, a: np.ndarray, c: np.ndarray | None = None) -> np.ndarray:
         """Peak positions [1/Å], shape (N, K), for N lattices ``a`` (and ``c``)."""
-        h, k, l = (self.hkl[:, i].astype(float) for i in range(3))
+        h, k, ell = (self.hkl[:, i].astype(float) for i in range(3))
         a = np.asarray(a, dtype=float)[:, None]
         c = a if c is None else np.asarray(c, dtype=float)[:, None]
         if self.system == "cubic":
-            inv_d2 = (h * h + k * k + l * l) / a**2
+            inv_d2 = (h * h + k * k + ell * ell) / a**2
         elif self.system == "tetragonal":
-            inv_d2 = (h * h + k * k) / a**2 + l * l / c**2
+            inv_d2 = (h * h + k * k) / a**2 + ell * ell / c**2
         else:  # hexagonal axes (trigonal phases in their hexagonal setting)
-            inv_d2 = 4.0 / 3.0 * (h * h + h * k + k * k) / a**2 + l * l / c**2
+            inv_d2 = 4.0 / 3.0 * (h * h + h * k + k * k) / a**2 + ell * ell / c**2
         return 2.0 * np.pi * np.sqrt(inv_d2)
 
 

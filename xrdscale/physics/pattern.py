@@ -4,8 +4,9 @@
 ``I_hkl = scale · m|F|² · LP(θ) / V²`` with ``LP = (1 + cos² 2θ) / (sin² θ cos θ)``,
 |F|² in electrons² and V in Å³: the absolute units of shared/DESIGN.md ("Pattern model"),
 with no further constant (K = :data:`xrdscale.physics.constants.INTENSITY_UNIT` = 1), so a
-tool written to that contract computes the same intensity for the same scale (at scale 1, W = 4·10⁻⁴ deg² and a 1000-point grid over q 1.16–3.82 1/Å
-the strongest peak of Cu reaches ~3·10⁶, of NCA ~5·10⁵ and of graphite ~1.4·10⁵). Each peak
+tool written to that contract computes the same intensity for the same scale (at scale 1,
+W = 4·10⁻⁴ deg² and a 1000-point grid over q 1.16–3.82 1/Å the strongest peak of Cu reaches
+~3·10⁶, of NCA ~5·10⁵ and of graphite ~1.4·10⁵). Each peak
 is a Thompson–Cox–Hastings pseudo-Voigt of unit area in 2θ [deg]: Gaussian FWHM
 ``H_G² = U tan²θ + V tanθ + W`` and Lorentzian FWHM ``H_L = X / cosθ + (180/π) · 0.9 λ / (L cosθ)``
 (Scherrer, L the crystallite size).
@@ -50,7 +51,8 @@ class Instrument:
     W: float = 4.0e-4
     X: float = 0.0
 
-    def widths(self, two_theta_deg: np.ndarray, size_nm: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
+    def widths(self, two_theta_deg: np.ndarray,
+               size_nm: np.ndarray | float | None = None) -> tuple[np.ndarray, np.ndarray]:
         """Gaussian and Lorentzian FWHM [deg 2θ] at the given 2θ and crystallite size."""
         theta = np.deg2rad(np.asarray(two_theta_deg, dtype=float) / 2.0)
         tan, cos = np.tan(theta), np.cos(theta)

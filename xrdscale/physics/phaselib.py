@@ -147,9 +147,16 @@ class CompositionSpec(Model):
             fractions = dict(Composition.from_elements(self.elements, 1.0).mass_fractions)
         elif self.formula is not None:
             fractions = dict(Composition.from_formula(self.formula, 1.0).mass_fractions)
+        elif isinstance(phase, Phase):
+            fractions = dict(phase.mass_fractions)
         else:
-            fractions = dict(phase.mass_fractions)  # a crystalline phase (peaks need elements or formula)
-        density = self.density if self.density is not None else phase.density()
+            raise ConfigError(f"peak phase {phase.name!r} needs composition elements or formula")
+        if self.density is not None:
+            density = self.density
+        elif isinstance(phase, Phase):
+            density = phase.density()
+        else:
+            raise ConfigError(f"peak phase {phase.name!r} needs a composition density [g/cm³]")
         return Composition(fractions, float(density))
 
 
@@ -195,6 +202,11 @@ class PhaseLibrarySpec(Model):
     background: BackgroundSpec = BackgroundSpec()
     noise: NoiseSpec = NoiseSpec()
     phases: dict[str, PhaseSpec] = Field(min_length=1)
+
+
+def _uniform(rng: np.random.Generator, bounds: list[float], n: int) -> np.ndarray:
+    """``n`` draws uniform in ``[bounds[0], bounds[1])`` (``rng.uniform(lo, hi, n)``)."""
+    return rng.uniform(bounds[0], bounds[1], n)
 
 
 def format_validation_error(exc: ValidationError, source: str) -> str:
@@ -279,11 +291,10 @@ class PhaseLibrary:
         if p.cif is not None:
             phase = Phase.from_cif(storage.resolve(p.cif, self.base_dir), name)
         else:
-            phase = Phase.from_cif(builtin_cif(p.builtin or name), name) if (p.builtin or name) in BUILTIN_PHASES \
-                else None
-            if phase is None:
+            if (p.builtin or name) not in BUILTIN_PHASES:
                 raise ConfigError(f"no structure: give `cif: path/to/{name}.cif`, `builtin: <one of "
                                   f"{', '.join(BUILTIN_PHASES)}>` or `peak: {{q: [..], fwhm: [..]}}`")
+            phase = Phase.from_cif(builtin_cif(p.builtin or name), name)
         for key in ("a", "c"):
             if getattr(p, key) is not None and key not in phase.lattice_keys:
                 raise ConfigError(f"{phase.system} phase has no lattice parameter {key!r}; "
@@ -322,13 +333,14 @@ class PhaseLibrary:
     @functools.cached_property
     def _instrument(self) -> Instrument:
         ins = self.spec.instrument
-        if ins.calibrant is None:
-            return Instrument(self.wavelength, U=ins.U, V=ins.V, W=float(ins.W), X=ins.X)
+        if ins.calibrant is None or ins.pattern is None:  # the spec's validator requires W, or both of these
+            return Instrument(self.wavelength, U=ins.U, V=ins.V, W=float(ins.W or 0.0), X=ins.X)
         url = storage.resolve(ins.pattern, self.base_dir)
         try:
             data = np.loadtxt(storage.read_bytes(url).decode().splitlines())
         except ValueError as exc:
-            raise ConfigError(f"instrument.pattern {url!r} is not a two-column text file (q, intensity): {exc}") from exc
+            raise ConfigError(f"instrument.pattern {url!r} (in {self.source}) is not a two-column text file "
+                              f"(q, intensity): {exc}") from exc
         return Instrument.fit_calibrant(data[:, 0], data[:, 1], self.wavelength, ins.calibrant)
 
     def instrument_model(self) -> Instrument:
@@ -340,13 +352,13 @@ class PhaseLibrary:
         """Draw ``n`` label sets uniformly from the ranges (scale 0 with probability ``absent``)."""
         labels: dict[str, dict[str, np.ndarray]] = {}
         for name, p in self.spec.phases.items():
-            d = {"scale": rng.uniform(*p.scale, n)}
+            d = {"scale": _uniform(rng, p.scale, n)}
             if p.absent > 0:
                 d["scale"] = np.where(rng.random(n) < p.absent, 0.0, d["scale"])
             for key in ("a", "c", "size_nm"):
                 rng_ = getattr(p, key)
                 if rng_ is not None:
-                    d[key] = rng.uniform(*rng_, n)
+                    d[key] = _uniform(rng, rng_, n)
             labels[name] = d
         return labels
 
@@ -363,13 +375,13 @@ class PhaseLibrary:
         for name, p in self.spec.phases.items():
             d = dict(labels.get(name, {}))
             if p.peak is not None:  # nuisance: the peak's position and width
-                d.setdefault("q", rng.uniform(*p.peak.q, n))
-                d.setdefault("fwhm", rng.uniform(*p.peak.fwhm, n))
+                d.setdefault("q", _uniform(rng, p.peak.q, n))
+                d.setdefault("fwhm", _uniform(rng, p.peak.fwhm, n))
             params[name] = d
         clean = simulate_patterns(self.q, self.phases, params, self.instrument_model())
         bg_spec = self.spec.background
         peak = clean.max(axis=1).astype(float)
-        level = rng.uniform(*bg_spec.amplitude, n) * np.where(peak > 0, peak, 1.0)
+        level = _uniform(rng, bg_spec.amplitude, n) * np.where(peak > 0, peak, 1.0)
         coef = np.zeros((n, bg_spec.chebyshev_order + 1))
         coef[:, 0] = level
         if bg_spec.chebyshev_order > 0:

@@ -29,6 +29,8 @@ import logging
 
 import numpy as np
 
+from typing import Any
+
 from xrdscale.physics.crystal import Phase, cell_volume
 
 logger = logging.getLogger(__name__)
@@ -63,7 +65,7 @@ def mass_factor(phase: Phase, **lattice: np.ndarray | float | None) -> np.ndarra
     if not is_crystalline(phase):
         raise ValueError(f"phase {getattr(phase, 'name', phase)!r} is not crystalline: it has no Hill & Howard "
                          "mass factor (no Z, M, V)")
-    lat = phase.lattice
+    lat: dict[str, Any] = dict(phase.lattice)
     lat.update({k: v for k, v in lattice.items() if v is not None})
     vol = cell_volume(phase.system, lat["a"], lat.get("c"))
     out = phase.cell_mass / vol

@@ -19,6 +19,7 @@ import torch
 
 from xrdscale.exceptions import ConfigError
 from xrdscale.pqnet.model import PQNet
+from xrdscale.runtime.devices import degrade, resolve_device, torch_threads
 
 logger = logging.getLogger(__name__)
 
@@ -58,6 +59,15 @@ def export_onnx(model: PQNet) -> bytes:
     return buf.getvalue()
 
 
+def _onnx_cuda_problem() -> str | None:
+    """Why ONNX Runtime cannot use CUDA here, or None."""
+    import onnxruntime as ort
+
+    if "CUDAExecutionProvider" not in ort.get_available_providers():
+        return f"ONNX Runtime {ort.__version__} has no CUDA provider (install onnxruntime-gpu)"
+    return None
+
+
 class Ensemble:
     """All members of one PQ-Net ensemble on one device, answering with mean and std.
 
@@ -70,9 +80,11 @@ class Ensemble:
     engine : {"onnx", "torch"}
         Which runtime evaluates the members.
     device : str
-        ``"cpu"`` or ``"cuda"`` (ONNX Runtime uses its CUDA provider when installed).
+        ``"auto"``, ``"cpu"`` or ``"cuda"``, resolved by :func:`xrdscale.runtime.devices.resolve_device`:
+        CUDA where it works (for ONNX Runtime: where its CUDA provider is installed and
+        starts), else the CPU with one INFO line. ``device`` holds the device used.
     threads : int
-        Intra-op threads per member evaluation.
+        Intra-op threads per member evaluation (torch's are set for each call and restored).
     """
 
     def __init__(self, members: Sequence[PQNet], onnx_models: Sequence[bytes] | None = None, *,
@@ -80,25 +92,32 @@ class Ensemble:
         if engine not in ENGINES:
             raise ConfigError(f"unknown inference engine {engine!r}; expected one of {', '.join(ENGINES)}")
         self.engine = engine
-        self.device = device
+        self.threads = max(1, threads)
         self.n_routes = len(members[0].spec.routes)
         self.npt = members[0].spec.npt
         if engine == "torch":
-            torch.set_num_threads(max(1, threads))
-            self._members = [m.to(device).eval() for m in members]
+            self.device = resolve_device(device, what="pqnet inference (torch)")
+            self._members = [m.to(self.device).eval() for m in members]
             self._sessions = []
         else:
             import onnxruntime as ort
 
             if onnx_models is None or len(onnx_models) != len(members):
                 raise ConfigError("engine='onnx' needs the ONNX export of every member; use engine='torch'")
+            what = "pqnet inference (onnx)"
+            self.device = resolve_device(device, what=what, probe=_onnx_cuda_problem)
             opts = ort.SessionOptions()
-            opts.intra_op_num_threads = max(1, threads)
+            opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
             providers = ["CPUExecutionProvider"]
-            if device.startswith("cuda") and "CUDAExecutionProvider" in ort.get_available_providers():
-                providers.insert(0, "CUDAExecutionProvider")
+            if self.device != "cpu":
+                index = self.device.partition(":")[2]
+                providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(index)}) if index
+                                 else "CUDAExecutionProvider")
             self._sessions = [ort.InferenceSession(b, opts, providers=providers) for b in onnx_models]
+            if self.device != "cpu" and "CUDAExecutionProvider" not in self._sessions[0].get_providers():
+                # ONNX Runtime falls back to the CPU by itself when its CUDA libraries do not load
+                self.device = degrade(what, "ONNX Runtime could not start its CUDA provider")
             self._members = []
 
     @property
@@ -111,7 +130,7 @@ class Ensemble:
         x = np.ascontiguousarray(patterns, dtype=np.float32)
         if self.engine == "onnx":
             return np.stack([s.run(None, {"patterns": x})[0] for s in self._sessions])
-        with torch.inference_mode():
+        with torch.inference_mode(), torch_threads(self.threads if self.device == "cpu" else None):
             xt = torch.from_numpy(x).to(self.device)
             return np.stack([m(xt).cpu().numpy() for m in self._members])
 

@@ -30,9 +30,9 @@ import numpy as np
 import xarray as xr
 import yaml
 
+from xrdscale.exceptions import ConfigError
 from xrdscale.io import storage
 from xrdscale.physics.constants import INTENSITY_UNIT
-from xrdscale.exceptions import ConfigError
 from xrdscale.physics.phaselib import PhaseLibrary
 
 logger = logging.getLogger(__name__)
@@ -140,7 +140,8 @@ def make_library(phases_yaml: str, out_url: str, *, n: int, q_range: tuple[float
     parts = [da.from_delayed(dask.delayed(_simulate_block)(text, base_dir, s, seed, i, labels),
                              shape=(s, width), dtype=np.float64) for i, s in enumerate(sizes)]
     table = da.concatenate(parts, axis=0)
-    data = {"patterns": (("sample", "q"), table[:, :q.size].astype(np.float32))}
+    data: dict[str, tuple[tuple[str, ...], da.Array]] = {
+        "patterns": (("sample", "q"), table[:, :q.size].astype(np.float32))}
     for j, (phase, param) in enumerate(labels):
         data[label_var(phase, param)] = (("sample",), table[:, q.size + j])
     ds = xr.Dataset(data, coords={"q": ("q", q), "sample": np.arange(n)})

@@ -138,6 +138,11 @@ class PQNet(nn.Module):
         Architecture and normalisation.
     """
 
+    route_phase: torch.Tensor
+    target_mean: torch.Tensor
+    target_std: torch.Tensor
+    scale_mask: torch.Tensor
+
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
         self.spec = spec

@@ -16,8 +16,8 @@ import dask.array as da
 import numpy as np
 import xarray as xr
 
-from xrdscale.io import storage
 from xrdscale.exceptions import InputError
+from xrdscale.io import storage
 from xrdscale.pqnet.registry import open_entry
 from xrdscale.pqnet.serve import ServerPool, actor_handles, predict_batches
 
@@ -101,7 +101,7 @@ def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch
     client : distributed.Client, optional
         Dask client; the current/default scheduler otherwise.
     progress : bool
-        Show a progress bar (local scheduler).
+        Show progress (a bar in a terminal, else a log line every few seconds).
 
     Returns
     -------

@@ -22,10 +22,13 @@ import numpy as np
 from xrdscale.exceptions import ConfigError
 from xrdscale.pqnet.engine import ENGINES, Ensemble
 from xrdscale.pqnet.registry import open_entry
+from xrdscale.runtime import ray as ray_runtime
+from xrdscale.runtime.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
-NAMESPACE = "xrdscale"
+#: Ray namespace of the actors (that of every xrdscale Ray connection)
+NAMESPACE = ray_runtime.NAMESPACE
 #: Restarts of a crashed actor, and retries of a batch it was answering, before giving up.
 MAX_RESTARTS = 4
 
@@ -97,7 +100,8 @@ class ServerPool:
     engine : {"onnx", "torch"}
         Inference engine.
     device : {"auto", "cpu", "cuda"}
-        ``auto``: one GPU per actor when Ray reports GPUs, CPU otherwise.
+        ``auto`` and ``cuda``: one GPU per actor when the Ray cluster has GPUs, else the CPU
+        (one INFO line, :func:`xrdscale.runtime.devices.resolve_device`).
     threads : int
         CPUs (and intra-op threads) per actor on CPU.
     members : int, optional
@@ -106,19 +110,17 @@ class ServerPool:
 
     def __init__(self, model_url: str, *, actors: int = 1, engine: str = "onnx", device: str = "auto",
                  threads: int = 1, members: int | None = None) -> None:
-        import ray
-
         if actors < 1:
             raise ConfigError(f"actors={actors}; give at least 1")
         if engine not in ENGINES:
             raise ConfigError(f"unknown inference engine {engine!r}; expected one of {', '.join(ENGINES)}")
         open_entry(model_url).verify()  # fail here, with a clear error, on a missing/partial/corrupt entry
         self.members = ensemble_size(model_url, members)
-        if not ray.is_initialized():
-            ray.init(include_dashboard=False, log_to_driver=False)
+        ray = ray_runtime.ensure()
         gpus = ray.cluster_resources().get("GPU", 0)
-        if device == "auto":
-            device = "cuda" if gpus >= 1 else "cpu"
+        device = resolve_device(device, what="pqnet inference",
+                                probe=lambda: None if gpus >= 1 else "the Ray cluster has no GPU")
+        device = "cpu" if device == "cpu" else "cuda"  # an actor sees only the GPU Ray gives it
         self.device = device
         self.address = ray.get_runtime_context().gcs_address
         tag = uuid.uuid4().hex[:8]
@@ -156,11 +158,8 @@ class ServerPool:
 
 
 def actor_handles(names: Sequence[str], address: str | None) -> list:
-    """Handles of named actors, attaching this process to the Ray cluster if needed."""
-    import ray
-
-    if not ray.is_initialized():
-        ray.init(address=address, namespace=NAMESPACE, log_to_driver=False)
+    """Handles of named actors, attaching this process to the Ray cluster at ``address`` if needed."""
+    ray = ray_runtime.ensure(address)
     return [ray.get_actor(n, namespace=NAMESPACE) for n in names]
 
 

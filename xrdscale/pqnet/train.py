@@ -7,6 +7,11 @@ learning rate 5e-4, early stopping with patience 5) from its own seed; members r
 Ray tasks in parallel (one GPU each where there are GPUs) or one after the other in this
 process. Training data stream from the store in windows, so memory stays bounded for
 libraries of any size. The ensemble's test metrics go into the registry entry.
+
+Every epoch of every member is logged at INFO (logger ``xrdscale.pqnet.train``) while it
+trains: epoch i/N, training and validation loss, time per epoch and the time left. Members
+on Ray send their epochs to the driver through a Ray queue, and the driver logs them as
+they come.
 """
 
 from __future__ import annotations
@@ -15,18 +20,23 @@ import io
 import logging
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 import torch
 from torch import nn
 
-from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
+from xrdscale.io import storage
 from xrdscale.pqnet import registry
 from xrdscale.pqnet.engine import Ensemble, export_onnx
 from xrdscale.pqnet.library import label_var, open_library
 from xrdscale.pqnet.model import ModelSpec, PQNet, pattern_norm
+from xrdscale.runtime import ray as ray_runtime
+from xrdscale.runtime.devices import resolve_device, torch_threads
+from xrdscale.runtime.progress import format_duration
 
 logger = logging.getLogger(__name__)
 
@@ -94,10 +104,65 @@ def _relative(x: np.ndarray, y: np.ndarray, scale_mask: np.ndarray) -> np.ndarra
     return np.where(scale_mask[None, :], y / norm, y)
 
 
-def train_member(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig) -> registry.MemberFiles:
-    """Train one member (usable as a Ray task); returns its weights, ONNX export and record."""
-    torch.set_num_threads(max(1, cfg.threads))
-    torch.manual_seed(seed)
+def epoch_line(record: dict[str, Any], member: str | None = None) -> str:
+    """The log line of one epoch ``record`` (see :func:`train_member`).
+
+    Examples
+    --------
+    >>> epoch_line({"seed": 1, "epoch": 4, "epochs": 35, "train": 0.0812, "val": 0.0903,
+    ...             "mean_seconds": 3.1})
+    'seed 1: epoch 4/35, loss 0.0812, val 0.0903, 3.1 s/epoch, at most 1 min 36 s left'
+    """
+    who = member or f"seed {record['seed']}"
+    left = record["mean_seconds"] * (record["epochs"] - record["epoch"])
+    line = (f"{who}: epoch {record['epoch']}/{record['epochs']}, loss {record['train']:.4f}, "
+            f"val {record['val']:.4f}, {record['mean_seconds']:.1f} s/epoch")
+    if record.get("stopped"):
+        return line + f"; stopped early (no better val in {record['patience']} epochs)"
+    return line + (f", at most {format_duration(left)} left" if left > 0 else ", done")
+
+
+def _rng_devices(device: str) -> list[int]:
+    """CUDA devices whose RNG a member on ``device`` uses (their state is restored after it)."""
+    if device == "cpu":
+        return []
+    index = device.partition(":")[2]
+    return [int(index) if index else torch.cuda.current_device()]
+
+
+def train_member(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig,
+                 on_epoch: Callable[[dict[str, Any]], None] | None = None) -> registry.MemberFiles:
+    """Train one member (usable as a Ray task); returns its weights, ONNX export and record.
+
+    The member seeds its own torch RNG and thread count and restores the caller's after.
+
+    Parameters
+    ----------
+    library_url : str
+        The library store.
+    spec_dict : dict
+        The model spec (:meth:`ModelSpec.to_dict`).
+    seed : int
+        Seed of the initial weights, the dropout and the batch order.
+    cfg : TrainConfig
+        Hyper-parameters, device and threads.
+    on_epoch : callable, optional
+        Called after every epoch with a record ``{seed, epoch, epochs, train, val, seconds,
+        mean_seconds, stopped, patience}``; default: log :func:`epoch_line` at INFO.
+    """
+    if on_epoch is None:
+        def on_epoch(record: dict[str, Any]) -> None:
+            logger.info("%s", epoch_line(record))
+
+    with torch_threads(cfg.threads), torch.random.fork_rng(devices=_rng_devices(cfg.device)):
+        torch.default_generator.manual_seed(seed)
+        if cfg.device != "cpu":
+            torch.cuda.manual_seed(seed)
+        return _train_member(library_url, spec_dict, seed, cfg, on_epoch)
+
+
+def _train_member(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig,
+                  on_epoch: Callable[[dict[str, Any]], None]) -> registry.MemberFiles:
     rng = np.random.default_rng(seed)
     spec = ModelSpec.from_dict(spec_dict)
     ds, _ = open_library(library_url)
@@ -145,14 +210,17 @@ def train_member(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig)
         curves["train_mae"].append(total / count)
         curves["val_mae"].append(val)
         curves["epoch_seconds"].append(time.perf_counter() - t0)
-        logger.info("member seed %d epoch %d: train %.4f val %.4f", seed, epoch + 1, total / count, val)
         if val < best - 1e-6:
             best, bad_epochs = val, 0
             best_state = {k: v.detach().cpu().clone() for k, v in model.state_dict().items()}
         else:
             bad_epochs += 1
-            if bad_epochs >= cfg.patience:
-                break
+        stopped = bad_epochs >= cfg.patience
+        on_epoch({"seed": seed, "epoch": epoch + 1, "epochs": cfg.epochs, "train": total / count, "val": val,
+                  "seconds": curves["epoch_seconds"][-1], "mean_seconds": float(np.mean(curves["epoch_seconds"])),
+                  "stopped": stopped and epoch + 1 < cfg.epochs, "patience": cfg.patience})
+        if stopped:
+            break
     model = model.cpu()
     model.load_state_dict(best_state)
     info = {"seed": seed, "epochs_run": len(curves["val_mae"]), "best_val_mae": best, "curves": curves}
@@ -221,7 +289,8 @@ def train_ensemble(library_url: str, model_url: str, *, ensemble: int = 10, epoc
         Outputs to predict: parameter names (``scale``, ``a``, ``c``, ``size_nm``) or
         ``PHASE.PARAM``; all labels of the library by default.
     device : {"auto", "cpu", "cuda"}
-        ``auto`` uses CUDA when torch sees a GPU.
+        ``auto`` and ``cuda`` use CUDA where it works, else the CPU (one INFO line;
+        :func:`xrdscale.runtime.devices.resolve_device`).
     parallel : bool
         Train members as parallel Ray tasks (one GPU each on GPU machines).
     seed : int
@@ -236,10 +305,7 @@ def train_ensemble(library_url: str, model_url: str, *, ensemble: int = 10, epoc
     """
     if ensemble < 1 or epochs < 1 or batch < 1:
         raise ConfigError(f"ensemble={ensemble}, epochs={epochs}, batch={batch}: each must be at least 1")
-    if device == "auto":
-        device = "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise ConfigError("device 'cuda' requested but torch sees no GPU; use --device cpu or auto")
+    device = resolve_device(device, what="pqnet train")
     ds, labels = open_library(library_url)
     train_sl, _, test_sl = split(ds.sizes["sample"])
     routes = _select_routes(labels, outputs)
@@ -253,7 +319,7 @@ def train_ensemble(library_url: str, model_url: str, *, ensemble: int = 10, epoc
     if parallel and ensemble > 1:
         members = _train_on_ray(library_url, spec, seeds, cfg)
     else:
-        members = [train_member(library_url, spec.to_dict(), s, cfg) for s in seeds]
+        members = [train_member(library_url, spec.to_dict(), s, cfg, _epoch_logger(seeds)) for s in seeds]
     models = []
     for m in members:
         net = PQNet(spec)
@@ -268,14 +334,44 @@ def train_ensemble(library_url: str, model_url: str, *, ensemble: int = 10, epoc
                                 metrics=metrics, config=config)
 
 
-def _train_on_ray(library_url: str, spec: ModelSpec, seeds: list[int], cfg: TrainConfig) -> list:
-    import ray
+def _epoch_logger(seeds: list[int]) -> Callable[[dict[str, Any]], None]:
+    """Log an epoch record at INFO, naming the member as ``member i/N (seed s)``."""
+    index = {s: i for i, s in enumerate(seeds)}
 
-    if not ray.is_initialized():
-        ray.init(include_dashboard=False, log_to_driver=False)
-    gpus = 1 if cfg.device == "cuda" else 0
+    def log(record: dict[str, Any]) -> None:
+        member = f"member {index.get(record['seed'], 0) + 1}/{len(seeds)} (seed {record['seed']})"
+        logger.info("%s", epoch_line(record, member))
+
+    return log
+
+
+def _train_member_on_ray(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig,
+                         queue: Any) -> registry.MemberFiles:
+    """:func:`train_member` in a Ray task, sending its epoch records to the driver through ``queue``."""
+    return train_member(library_url, spec_dict, seed, cfg, on_epoch=queue.put_nowait)
+
+
+def _train_on_ray(library_url: str, spec: ModelSpec, seeds: list[int], cfg: TrainConfig) -> list:
+    """Train the members as parallel Ray tasks; log their epochs here as they come."""
+    ray = ray_runtime.ensure()
+    from ray.util.queue import Queue
+
+    gpus = 0 if cfg.device == "cpu" else 1
     cpus = 1 if gpus else max(1, int(ray.available_resources().get("CPU", 1)) // len(seeds))
-    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(train_member)
-    cfg = TrainConfig(**{**cfg.__dict__, "threads": cpus})
-    refs = [task.remote(library_url, spec.to_dict(), s, cfg) for s in seeds]
-    return ray.get(refs)
+    # in a task, the one GPU Ray gives it is "cuda"
+    cfg = TrainConfig(**{**cfg.__dict__, "threads": cpus, "device": "cuda" if gpus else "cpu"})
+    task = ray.remote(num_cpus=cpus, num_gpus=gpus, max_retries=2)(_train_member_on_ray)
+    log = _epoch_logger(seeds)
+    queue = Queue(actor_options={"num_cpus": 0})
+    try:
+        refs = [task.remote(library_url, spec.to_dict(), s, cfg, queue) for s in seeds]
+        pending = list(refs)
+        while True:
+            _, pending = ray.wait(pending, num_returns=len(pending), timeout=1.0) if pending else ([], [])
+            for record in queue.get_nowait_batch(queue.qsize()):
+                log(record)
+            if not pending:
+                break
+        return ray.get(refs)
+    finally:
+        queue.shutdown()

@@ -1,8 +1,10 @@
 """Reconstruction engines behind one small protocol, looked up by name.
 
-``Impl(engine, device)`` names an implementation; :func:`get_engine` resolves it
-(``auto`` engine → ``batched``; ``auto`` device → CUDA when the engine can use it) and
-degrades a CUDA request to the CPU with one INFO log line when no GPU is usable.
+``Impl(engine, device)`` names an implementation; :meth:`Impl.resolved` validates it and
+resolves ``auto`` (engine → ``batched``; device → CUDA where the engine can use it), and
+:func:`get_engine` instantiates it. The device follows the one rule of
+:func:`xrdscale.runtime.devices.resolve_device`: a ``cuda`` or ``auto`` request runs on the
+CPU where the engine cannot use CUDA, with one INFO line per process and engine.
 """
 
 from __future__ import annotations
@@ -10,7 +12,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import types
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 import numpy as np
@@ -19,6 +21,7 @@ from xrdscale.exceptions import ConfigError
 from xrdscale.recon.astra_engine import AstraEngine
 from xrdscale.recon.batched import BatchedEngine
 from xrdscale.recon.geometry import Geometry
+from xrdscale.runtime.devices import resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -56,6 +59,31 @@ class Impl:
     engine: str = "auto"
     device: str = "auto"
 
+    def resolved(self) -> Impl:
+        """This implementation with a concrete engine and the device it runs on here.
+
+        Raises
+        ------
+        ConfigError
+            Unknown engine or device name (the message lists the available ones).
+        """
+        name = "batched" if self.engine == "auto" else self.engine
+        if name not in ENGINES:
+            raise ConfigError(f"unknown reconstruction engine {self.engine!r}; available engines: "
+                              f"{', '.join(['auto', *ENGINES])}")
+        if self.device not in DEVICES:
+            raise ConfigError(f"unknown device {self.device!r}; expected one of {', '.join(DEVICES)}")
+        device = resolve_device(self.device, what=f"reconstruct ({name})", probe=_cuda_probe(name))
+        return Impl(name, device)
+
+
+def _cuda_probe(name: str) -> Callable[[], str | None] | None:
+    """The CUDA check of engine ``name`` (None: torch's, which the batched engine uses)."""
+    cls = ENGINES[name]
+    if cls is BatchedEngine:
+        return None
+    return lambda: None if cls.cuda_available() else f"the {name} engine has no CUDA build or sees no GPU"
+
 
 def check_algorithm(name: str) -> str:
     """Return ``name`` if it is a known algorithm, else raise :class:`ConfigError`."""
@@ -82,18 +110,5 @@ def get_engine(impl: Impl) -> Engine:
     ConfigError
         Unknown engine or device name (the message lists the available ones).
     """
-    name = "batched" if impl.engine == "auto" else impl.engine
-    if name not in ENGINES:
-        raise ConfigError(f"unknown reconstruction engine {impl.engine!r}; available engines: "
-                          f"{', '.join(['auto', *ENGINES])}")
-    if impl.device not in DEVICES:
-        raise ConfigError(f"unknown device {impl.device!r}; expected one of {', '.join(DEVICES)}")
-    cls = ENGINES[name]
-    has_cuda = cls.cuda_available()
-    device = impl.device
-    if device == "auto":
-        device = "cuda" if has_cuda else "cpu"
-    elif device == "cuda" and not has_cuda:
-        logger.info("engine %s: CUDA requested but not available here; using the CPU", name)
-        device = "cpu"
-    return cls(device=device)
+    concrete = impl.resolved()
+    return ENGINES[concrete.engine](device=concrete.device)

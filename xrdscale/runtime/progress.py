@@ -452,10 +452,10 @@ class _LogDisplay(_Display):
         self._last_done = -1
 
     def poll(self) -> None:
+        done = self.tracker.snapshot()[0]  # every tick: the samples behind the rate
         now = time.monotonic()
         if now - self._last_line < self.interval:
             return
-        done = self.tracker.snapshot()[0]
         if done == self._last_done and now - self._last_line < 12 * self.interval:
             return  # nothing new to say (but say it still runs once a minute or so)
         self._last_line, self._last_done = now, done
@@ -472,8 +472,15 @@ class _BarDisplay(_Display):
 
     def __init__(self, tracker: Tracker, console: Any) -> None:
         super().__init__(tracker)
-        from rich.progress import (BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn,
-                                   TimeElapsedColumn, TimeRemainingColumn)
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            Progress,
+            ProgressColumn,
+            TextColumn,
+            TimeElapsedColumn,
+            TimeRemainingColumn,
+        )
         from rich.text import Text
 
         unit = tracker.unit

@@ -31,8 +31,8 @@ from dataclasses import asdict, dataclass
 import numpy as np
 import yaml
 
-from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError
+from xrdscale.io import storage
 from xrdscale.physics.constants import DEFAULT_WAVELENGTH, SEPARATOR
 from xrdscale.physics.crystal import Phase, builtin_cif
 from xrdscale.physics.pattern import Instrument, simulate_patterns
@@ -219,7 +219,8 @@ def _write_calibration(out: str, detector: DetectorModel, instrument: Instrument
 
     write_geometry(detector, storage.join(out, poni_rel), storage.join(out, "calib", "mask.edf"))
     with tempfile.TemporaryDirectory() as tmp:
-        ceo2 = Phase.from_parameters("CeO2", "Fm-3m", {"a": CEO2_A}, [("Ce", 0, 0, 0, 1.0), ("O", 0.25, 0.25, 0.25, 1.0)])
+        ceo2 = Phase.from_parameters("CeO2", "Fm-3m", {"a": CEO2_A},
+                                     [("Ce", 0, 0, 0, 1.0), ("O", 0.25, 0.25, 0.25, 1.0)])
         q = simulation_grid(detector)
         pattern = simulate_patterns(q, [ceo2], {"CeO2": {"scale": np.array([1.0])}}, instrument)
         i0 = 2.0e4 / max(float(pattern.max()) * float(detector.gain.max()), 1e-30)

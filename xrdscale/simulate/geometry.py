@@ -9,8 +9,9 @@ Conventions (the standard Radon transform, shared with :mod:`xrdscale.recon`): a
 (rows, y ascending) in voxel units, the rotation axis at the image centre. At rotation
 angle ``θ`` the ray at translation ``t`` (voxel units, measured from the rotation axis) is
 the line ``x cos θ + y sin θ = t``. (ASTRA's rows run from +y downwards, so this is ASTRA's
-parallel-beam geometry applied to the image flipped upside down.) Ray sums are line integrals in voxel-length units, so a
-filtered back projection on a unit-voxel grid returns the per-voxel values.
+parallel-beam geometry applied to the image flipped upside down.) Ray sums are line integrals
+in voxel-length units, so a filtered back projection on a unit-voxel grid returns the
+per-voxel values.
 
 The detector model turns a 1D pattern ``P(q)`` into a 2D frame exactly as pyFAI's
 ``AzimuthalIntegrator`` defines the corrections: pixel value =
@@ -26,6 +27,7 @@ from __future__ import annotations
 
 import logging
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import scipy.sparse as sp
@@ -101,7 +103,7 @@ class DetectorModel:
     pixel is masked (gaps, bad pixels, beam stop).
     """
 
-    integrator: object = field(repr=False)
+    integrator: Any = field(repr=False)  # a pyFAI AzimuthalIntegrator
     mask: np.ndarray = field(repr=False)
     polarization_factor: float
     q_lo: np.ndarray = field(repr=False)

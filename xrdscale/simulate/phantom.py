@@ -262,7 +262,10 @@ class _Geometry:
 
 
 def _stage_index(voltage: float, region: np.ndarray, rho: np.ndarray) -> np.ndarray:
-    """Continuous LIXC index per voxel: HL follows the voltage (outer turns slightly ahead), DL lags two stages, IN stays graphite."""
+    """Continuous LIXC index per voxel.
+
+    HL follows the voltage (outer turns slightly ahead), DL lags two stages, IN stays graphite.
+    """
     s0 = float(np.interp(voltage, STAGE_VOLTAGES, np.arange(len(LIXC), dtype=float)))
     hl = s0 + 0.4 * (np.clip(rho, 0, 1) - 0.5)
     stage = np.where(region == REGIONS["DL"], s0 - 2.0, hl)
@@ -302,13 +305,14 @@ def _weight_fractions(scale: np.ndarray, lattice: dict[str, np.ndarray]) -> np.n
     analysis applies to scale factors. The two agree because ``scale`` is the volume
     fraction and ``ZMV/V² = N_A · ρ``; ``tests/test_phantom.py`` checks that they do.
     """
-    from xrdscale.physics.crystal import builtin_phase, cell_volume
+    from xrdscale.physics.crystal import Phase, builtin_phase, cell_volume
 
     mass = np.zeros_like(scale, dtype=np.float64)
     for i, phase in enumerate(PHASES):
         if phase not in RANGES:
             continue
         ph = builtin_phase(phase)
+        assert isinstance(ph, Phase)  # every phase of RANGES has a structure
         present = scale[i] > 0
         if not present.any():
             continue

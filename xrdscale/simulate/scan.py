@@ -21,6 +21,7 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import dask.array as da
@@ -31,11 +32,11 @@ import scipy.sparse as sp
 import xarray as xr
 
 from xrdscale import __version__
-from xrdscale.io import storage
 from xrdscale.exceptions import ConfigError, InputError
-from xrdscale.simulate.geometry import DetectorModel, ray_matrix
-from xrdscale.physics.pattern import Instrument, simulate_patterns
+from xrdscale.io import storage
 from xrdscale.physics.crystal import builtin_phase
+from xrdscale.physics.pattern import Instrument, simulate_patterns
+from xrdscale.simulate.geometry import DetectorModel, ray_matrix
 
 logger = logging.getLogger(__name__)
 
@@ -126,7 +127,8 @@ def phantom_components(phantom: xr.Dataset) -> tuple[dict[str, dict[str, np.ndar
     """
     scale = phantom["scale"].values
     n_vox = scale.shape[1] * scale.shape[2]
-    params, names = {}, []
+    params: dict[str, dict[str, np.ndarray]] = {}
+    names: list[str] = []
     rows, cols, vals = [], [], []
     for i, phase_name in enumerate(phantom["phase"].values.tolist()):
         s = scale[i].ravel()
@@ -305,7 +307,7 @@ def _write_truth_row(url: str, index: int, row: np.ndarray) -> None:
                       storage_options=storage.storage_options(url) or None)
 
 
-def _local_target(url: str) -> tuple[str, callable]:
+def _local_target(url: str) -> tuple[str, Callable[[], None]]:
     """A local file to write before moving/uploading to ``url``, and its cleanup."""
     if not storage.is_remote(url):
         path = os.path.abspath(storage.filesystem(url)[1])

@@ -91,8 +91,12 @@ def load_mu_map(mu_map: np.ndarray | str) -> np.ndarray:
 
 
 def mu_from_maps(maps_url: str, *, energy_kev: float = DEFAULT_ENERGY_KEV, basis: str = "volume",
-                 packing: float = 1.0) -> np.ndarray:
-    """μ map [1/mm] from a ``maps`` store (``scale`` as volume fractions, or ``weight_fraction``)."""
+                 packing: float = 1.0, phases: Mapping[str, Any] | None = None) -> np.ndarray:
+    """μ map [1/mm] from a ``maps`` store (``scale`` as volume fractions, or ``weight_fraction``).
+
+    ``phases`` (name → phase object of a phase library) give the composition of phases that
+    are not built in (a library ``composition:``).
+    """
     ds = storage.open_store(maps_url)
     var = "scale" if basis == "volume" else "weight_fraction"
     if var not in ds or "phase" not in ds[var].dims:
@@ -100,7 +104,7 @@ def mu_from_maps(maps_url: str, *, energy_kev: float = DEFAULT_ENERGY_KEV, basis
                          "produce it with the analyse stage")
     maps = ds[var].transpose("phase", "y", "x").values
     fractions = {str(p): maps[i] for i, p in enumerate(ds["phase"].values)}
-    return mu_from_fractions(fractions, energy_kev=energy_kev, basis=basis, packing=packing)
+    return mu_from_fractions(fractions, energy_kev=energy_kev, basis=basis, packing=packing, phases=phases)
 
 
 def transmission(mu_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
@@ -127,8 +131,8 @@ def transmission(mu_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
 
 
 def correct_absorption(sinogram_url: str, out_url: str, *, mu_map: np.ndarray | str | None = None,
-                       config: AbsorptionConfig | None = None, client: Any = None, progress: bool = True,
-                       **settings: Any) -> str:
+                       config: AbsorptionConfig | None = None, phases: Mapping[str, Any] | None = None,
+                       client: Any = None, progress: bool = True, **settings: Any) -> str:
     """Divide every ray of a sinogram store by its transmission (zero-order correction).
 
     Parameters
@@ -142,6 +146,8 @@ def correct_absorption(sinogram_url: str, out_url: str, *, mu_map: np.ndarray | 
     config : AbsorptionConfig, optional
         ``mu_map`` or ``maps`` (the source of μ), ``energy_kev``, ``basis``, ``packing``,
         ``min_transmission``; keyword ``settings`` of the same names override it.
+    phases : mapping, optional
+        Phase objects of a phase library, for μ of phases that are not built in.
     client : distributed.Client, optional
         Dask client to run on.
     progress : bool
@@ -168,7 +174,7 @@ def correct_absorption(sinogram_url: str, out_url: str, *, mu_map: np.ndarray | 
     def body() -> str:
         intensity, geometry = open_sinogram(sinogram_url)
         if cfg.maps is not None:
-            mu = mu_from_maps(cfg.maps, energy_kev=energy, basis=cfg.basis, packing=cfg.packing)
+            mu = mu_from_maps(cfg.maps, energy_kev=energy, basis=cfg.basis, packing=cfg.packing, phases=phases)
         else:
             mu = load_mu_map(array if array is not None else str(cfg.mu_map))
         trans = transmission(np.asarray(mu, dtype=np.float64), geometry)

@@ -35,6 +35,7 @@ from xrdscale.recon.filters import FILTERS, check_filter
 from xrdscale.recon.geometry import Geometry
 from xrdscale.recon.registry import DEVICES, ENGINE_NAMES, Engine, Impl, get_engine
 from xrdscale.recon.unet import UNet
+from xrdscale.runtime.devices import resolve_device
 from xrdscale.stages.base import StageConfig, guarded, runtime_field
 from xrdscale.stages.reconstruct import channel_volumes, open_sinogram, write_volume
 
@@ -206,7 +207,7 @@ def _denoise(sinogram_url: str, volume_url: str, out_url: str, config: DenoiseCo
     filter = config.filter or json.loads(volume.attrs.get("config", "{}")).get("filter") or "ram-lak"
     check_filter(filter)
     recon_engine = get_engine(Impl(config.engine, config.device))
-    torch_device = "cuda" if config.device != "cpu" and torch.cuda.is_available() else "cpu"
+    torch_device = resolve_device(config.device, what="denoise (U-Net)")
     rng = np.random.default_rng(config.seed)
     n_q = intensity.sizes["q"]
     sample = np.unique(np.linspace(0, n_q - 1, min(config.pretrain_channels, n_q)).round().astype(int))

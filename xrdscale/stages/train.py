@@ -29,6 +29,8 @@ class TrainConfig(StageConfig):
     """Settings of the ``library`` and ``train`` stages (``pipeline.train`` of a campaign)."""
 
     stage: ClassVar[str] = "train"
+    #: 2: patterns in absolute units (K = 1); libraries of version 1 (K = 1e-2) are not reused
+    version: ClassVar[int] = 2
 
     n: int = Field(200_000, ge=10, description="patterns in the simulated training library")
     ensemble: int = Field(10, ge=1, description="members of the deep ensemble (they differ by seed)")
