@@ -46,7 +46,7 @@ from pyFAI.detectors import detector_factory
 from pyFAI.integrator.azimuthal import AzimuthalIntegrator
 
 from xrdscale.io import frames
-from xrdscale.cli.integrate import dask_client
+from xrdscale.cli.stages import dask_client
 from xrdscale.stages.integrate import integrate
 
 NPT = 1000

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
+import logging
 import socket
 
 import pytest
 
-from xrdscale.campaign.spec import AddressCluster, KubernetesCluster, LocalCluster
-from xrdscale.runtime.cluster import check_reachable, cluster_from_option, connect
 from xrdscale.exceptions import ConfigError, StorageError
+from xrdscale.runtime import devices
+from xrdscale.runtime.cluster import (
+    AddressCluster,
+    KubernetesCluster,
+    LocalCluster,
+    check_reachable,
+    cluster_from_option,
+    connect,
+)
+
+requires_cuda = pytest.mark.skipif(devices.cuda_problem() is not None, reason="needs a usable CUDA device")
 
 
 def _closed_port() -> int:
@@ -27,7 +37,7 @@ def test_unreachable_dask_address_fails_before_anything_starts():
 def test_unreachable_ray_address_is_checked_too():
     from distributed import LocalCluster as DaskLocal
 
-    with DaskLocal(n_workers=1, processes=False, protocol="tcp://", dashboard_address=None) as dc:
+    with DaskLocal(n_workers=1, processes=False, protocol="tcp://", dashboard_address=":0") as dc:
         port = _closed_port()
         spec = AddressCluster(kind="address", dask=dc.scheduler_address, ray=f"ray://127.0.0.1:{port}")
         with pytest.raises(StorageError, match="Ray cluster"):
@@ -43,7 +53,7 @@ def test_check_reachable_rejects_addresses_without_host():
 def test_existing_scheduler_address_connects():
     from distributed import LocalCluster as DaskLocal
 
-    with DaskLocal(n_workers=1, processes=False, dashboard_address=None) as dc:
+    with DaskLocal(n_workers=1, processes=False, dashboard_address=":0") as dc:
         with connect(AddressCluster(kind="address", dask=dc.scheduler_address)) as (client, ray_handle):
             assert client.submit(sum, [1, 2, 3]).result() == 6
             assert ray_handle.address is None and not ray_handle.started
@@ -66,31 +76,52 @@ def test_cluster_option_parsing():
         cluster_from_option("ray://h:10001", local)
 
 
+def _attach_to_ray(address):
+    """What an inference task does in a Dask worker: attach to the campaign's Ray."""
+    from xrdscale.runtime import ray as ray_runtime
+
+    return ray_runtime.ensure(address).is_initialized()
+
+
 @pytest.mark.slow
-def test_local_cluster_and_lazy_ray():
-    with connect(LocalCluster(workers=1, dashboard=True)) as (client, ray_handle):
-        assert client.dashboard_link
-        assert client.submit(lambda x: x + 1, 1).result() == 2
-        assert not ray_handle.started
-        ray = ray_handle.ensure()
+def test_local_cluster_and_lazy_ray_shut_down_cleanly(caplog):
+    with caplog.at_level(logging.WARNING, logger="distributed"):
+        with connect(LocalCluster(workers=1, dashboard=True)) as (client, ray_handle):
+            assert client.dashboard_link
+            assert client.submit(lambda x: x + 1, 1).result() == 2
+            assert not ray_handle.started
+            ray = ray_handle.ensure()
 
-        @ray.remote
-        def f(x):
-            return 2 * x
+            @ray.remote
+            def f(x):
+                return 2 * x
 
-        assert ray.get(f.remote(21)) == 42
-        assert ray_handle.started
-    assert not ray.is_initialized()
+            assert ray.get(f.remote(21)) == 42
+            assert ray_handle.started
+            address = ray.get_runtime_context().gcs_address
+            assert client.submit(_attach_to_ray, address).result()  # the worker is attached to Ray now
+        assert not ray.is_initialized()
+    # the worker disconnected from Ray before Ray stopped, and exited by itself
+    assert not [r for r in caplog.records if "still alive" in r.getMessage() or "killing" in r.getMessage()]
 
 
-def test_gpu_request_without_cuda_degrades_to_cpu(caplog):
-    import logging
-
-    import torch
-
-    if torch.cuda.is_available():
-        pytest.skip("CUDA present: this test checks the CPU fallback")
-    with caplog.at_level(logging.INFO, logger="xrdscale.runtime.cluster"):
+def test_gpu_request_without_cuda_degrades_to_cpu(caplog, monkeypatch):
+    monkeypatch.setattr(devices, "cuda_problem", lambda index=None: "torch sees no CUDA device")
+    devices.clear_cache()
+    with caplog.at_level(logging.INFO, logger="xrdscale.runtime.devices"):
         with connect(LocalCluster(workers=1, gpu=True, dashboard=False)) as (client, _):
             assert len(client.nthreads()) == 1
-    assert "no CUDA device" in caplog.text
+    assert ("cluster.gpu: CUDA is not usable here (torch sees no CUDA device); running on the CPU"
+            in caplog.messages)
+    devices.clear_cache()
+
+
+@pytest.mark.gpu
+@requires_cuda
+def test_gpu_cluster_has_one_worker_per_gpu():
+    pytest.importorskip("dask_cuda")
+    import torch
+
+    with connect(LocalCluster(gpu=True, dashboard=False)) as (client, _):
+        assert len(client.nthreads()) == torch.cuda.device_count()
+        assert client.submit(lambda: __import__("torch").cuda.is_available()).result()

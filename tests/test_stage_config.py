@@ -112,3 +112,16 @@ def test_poni_without_wavelength_is_a_clear_error():
         load_poni(text, "calib.poni")
     with pytest.raises(InputError, match="cannot be read by pyFAI"):
         load_poni("Detector: NoSuchDetector\nDistance: x\n", "bad.poni")
+
+
+def test_campaign_with_a_poni_without_wavelength_fails_before_any_stage(tmp_path):
+    from xrdscale.campaign.runner import run_campaign
+
+    (tmp_path / "p.poni").write_text("poni_version: 2\nDetector: Pilatus1M\nDistance: 0.3\nPoni1: 0.05\nPoni2: 0.05\n")
+    (tmp_path / "r.nxs").write_bytes(b"")
+    (tmp_path / "lib.yaml").write_text("version: 1\n")
+    spec = {**BASE, "workspace": str(tmp_path / "work"), "phases": "lib.yaml"}
+    (tmp_path / "spec.yaml").write_text(yaml.safe_dump(spec))
+    with pytest.raises(InputError, match=r"geometry.poni .*p.poni has no wavelength"):
+        run_campaign(load_spec(str(tmp_path / "spec.yaml")))
+    assert not (tmp_path / "work" / "datasets").exists()  # nothing ran

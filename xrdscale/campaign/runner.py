@@ -374,12 +374,8 @@ def run_campaign(spec: Any, *, stages: Sequence[Stage] | None = None, on_event: 
 
     check_inputs(spec)
     plan = Plan(spec, stages)
-    if "integrate" in plan.stages:
-        from xrdscale.stages.integrate import load_poni
-
-        # a PONI that pyFAI cannot use fails here, before any stage, not in every integrate task
-        load_poni(storage.read_bytes(spec.geometry.poni).decode("utf-8", "replace"),
-                  f"geometry.poni {storage.redact(spec.geometry.poni)}")
+    for stage in plan.stages.values():
+        stage.preflight(spec)  # e.g. a PONI pyFAI cannot use fails here, not in every integrate task
     with connect(spec.cluster) as (client, ray_handle):
         store = open_job_store(spec)
         try:

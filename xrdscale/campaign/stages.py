@@ -85,6 +85,8 @@ class Stage:
     reads : tuple of str
         Further upstream outputs it reads that lie upstream of its ``needs`` anyway (so they
         add no order); a stage the table lacks is left out of its inputs.
+    preflight : callable
+        ``preflight(spec)`` checks the stage's inputs before the campaign starts (raises).
     """
 
     name: str
@@ -97,6 +99,7 @@ class Stage:
     external: Callable[[Any, Any], dict] = field(default=lambda spec, ds: {})
     ray: bool = False
     reads: tuple[str, ...] = ()
+    preflight: Callable[[Any], None] = field(default=lambda spec: None)
 
 
 def _ray(call: StageCall) -> None:
@@ -207,6 +210,14 @@ def _run_report(call: StageCall) -> None:
            model=model, phases=_phases(call.spec), progress=False)
 
 
+def _check_poni(spec: Any) -> None:
+    """A PONI file pyFAI cannot use (unreadable, no wavelength) is refused before any stage runs."""
+    from xrdscale.stages.integrate import load_poni
+
+    load_poni(storage.read_bytes(spec.geometry.poni).decode("utf-8", "replace"),
+              f"geometry.poni {storage.redact(spec.geometry.poni)}")
+
+
 def _raw_inputs(spec: Any, ds: Any) -> dict:
     out = {"raw": ds.raw, "poni": spec.geometry.poni}
     if spec.geometry.mask:
@@ -232,7 +243,7 @@ def default_stages() -> list[Stage]:
               external=lambda s, d: {"phases": s.phases}),
         Stage("train", _run_train, lambda s: s.pipeline.train.training(), needs=("library",), scope="model",
               suffix="", ray=True),
-        Stage("integrate", _run_integrate, _hashed("integrate"), external=_raw_inputs),
+        Stage("integrate", _run_integrate, _hashed("integrate"), external=_raw_inputs, preflight=_check_poni),
         Stage("sinogram", _run_sinogram, _hashed("sinogram"), needs=("integrate",)),
         # the μ sources are inputs (hashed by identity), the energy is resolved per dataset
         Stage("absorption", _run_absorption,

@@ -170,9 +170,11 @@ def _local_cluster(spec: LocalCluster) -> Any:
 
     from xrdscale.runtime.devices import resolve_device
 
+    # The scheduler serves HTTP (health, metrics) even without a dashboard: on a free port,
+    # rather than warning that 8787 is taken by another cluster.
     kwargs = dict(n_workers=spec.workers, threads_per_worker=spec.threads_per_worker,
-                  memory_limit=spec.memory_limit, dashboard_address=":0" if spec.dashboard else None,
-                  silence_logs=worker_log_level())
+                  memory_limit=spec.memory_limit, dashboard_address=":0",
+                  scheduler_kwargs={"dashboard": spec.dashboard}, silence_logs=worker_log_level())
     if spec.gpu and resolve_device("cuda", what="cluster.gpu") != "cpu":
         try:
             from dask_cuda import LocalCUDACluster
@@ -183,8 +185,8 @@ def _local_cluster(spec: LocalCluster) -> Any:
             ) from exc
         logger.info("starting a LocalCUDACluster (one worker per GPU)")
         with worker_environ():
-            return LocalCUDACluster(threads_per_worker=spec.threads_per_worker,
-                                    dashboard_address=kwargs["dashboard_address"], silence_logs=kwargs["silence_logs"])
+            return LocalCUDACluster(threads_per_worker=spec.threads_per_worker, dashboard_address=":0",
+                                    scheduler_kwargs=kwargs["scheduler_kwargs"], silence_logs=kwargs["silence_logs"])
     with worker_environ():
         return DaskLocalCluster(**kwargs)
 
@@ -253,7 +255,7 @@ def connect(spec: LocalCluster | AddressCluster | KubernetesCluster) -> Iterator
         ray_handle = RayHandle(spec.ray or None)
     else:
         raise ConfigError(f"unknown cluster kind {kind!r}; expected local, address or kubernetes")
-    if client.dashboard_link:
+    if client.dashboard_link and getattr(spec, "dashboard", True):
         logger.info("Dask dashboard: %s", client.dashboard_link)
     try:
         yield Connection(client, ray_handle)
