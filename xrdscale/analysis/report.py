@@ -25,19 +25,20 @@ import xarray as xr
 from rich.progress import Progress
 
 from xrdscale import __version__
-from xrdscale.io import storage
 from xrdscale.analysis import plots
 from xrdscale.analysis.fractions import with_weight_fractions
 from xrdscale.analysis.regions import REGION_NAMES, classify_regions
 from xrdscale.analysis.roi import build_rois, default_rois, roi_table
 from xrdscale.analysis.unroll import find_centre, unroll
 from xrdscale.exceptions import InputError
+from xrdscale.io import storage
 
 logger = logging.getLogger(__name__)
 
 #: (variable, units, colour map) of the map figures.
 MAP_FIGURES = (("scale", "scale factor (abs. units)", "viridis"), ("scale_std", "ensemble std (abs. units)", "magma"),
-               ("weight_fraction", "weight fraction", "viridis"), ("weight_fraction_std", "weight fraction std", "magma"),
+               ("weight_fraction", "weight fraction", "viridis"),
+               ("weight_fraction_std", "weight fraction std", "magma"),
                ("a", "a (Å)", "coolwarm"), ("a_std", "a std (Å)", "magma"), ("c", "c (Å)", "coolwarm"),
                ("c_std", "c std (Å)", "magma"), ("size", "crystallite size (nm)", "cividis"))
 VERSIONED = ("numpy", "xarray", "zarr", "dask", "matplotlib", "pandas", "torch", "pyFAI", "astra-toolbox", "gemmi")
@@ -80,7 +81,8 @@ def _entry(e: DatasetEntry | Mapping[str, Any]) -> DatasetEntry:
     try:
         return DatasetEntry(**{k: v for k, v in dict(e).items() if k in DatasetEntry.__dataclass_fields__})
     except TypeError as exc:
-        raise InputError(f"report dataset entry {e!r} is incomplete ({exc}); it needs at least id and maps_url") from exc
+        raise InputError(f"report dataset entry {e!r} is incomplete ({exc}); it needs at least id and "
+                         "maps_url") from exc
 
 
 class _Doc:
@@ -175,7 +177,8 @@ def _present(maps: xr.Dataset, var: str) -> xr.DataArray | None:
 
 
 def _dataset_section(doc: _Doc, e: DatasetEntry, maps: xr.Dataset, *, centre, pitch, rois_spec) -> pd.DataFrame:
-    doc.h(2, f"Dataset {e.id}" + (f" — cycle {e.cycle}, {e.state or ''} {e.voltage} V" if e.voltage is not None else ""))
+    where = f" — cycle {e.cycle}, {e.state or ''} {e.voltage} V" if e.voltage is not None else ""
+    doc.h(2, f"Dataset {e.id}{where}")
     for var, units, cmap in MAP_FIGURES:
         da = _present(maps, var)
         if da is not None:
@@ -185,7 +188,8 @@ def _dataset_section(doc: _Doc, e: DatasetEntry, maps: xr.Dataset, *, centre, pi
         yc, xc = centre if centre is not None else find_centre(maps)[:2]
         wf = _present(maps, "weight_fraction")
         un = unroll(wf if wf is not None else maps["scale"].load(), (yc, xc), pitch=pitch or 0.0, n_angles=360)
-        doc.figure(plots.unrolled_grid(un, title=f"{e.id}: unrolled about ({yc:.2f}, {xc:.2f}) mm, pitch {pitch or 0:g} mm",
+        title = f"{e.id}: unrolled about ({yc:.2f}, {xc:.2f}) mm, pitch {pitch or 0:g} mm"
+        doc.figure(plots.unrolled_grid(un, title=title,
                                        units="weight fraction" if wf is not None else "scale"),
                    f"{e.id}_unrolled", f"{e.id}: virtually unrolled maps (radius × angle)")
     except InputError as exc:
@@ -254,7 +258,8 @@ def _provenance(doc: _Doc, entries: Sequence[DatasetEntry], maps: Mapping[str, x
     doc.table(pd.DataFrame(rows), "Inputs of every dataset")
     doc.table(pd.DataFrame([{"key": k, "value": str(v)} for k, v in dict(model or {"model": "not given"}).items()]),
               "Model")
-    versions = [{"package": "xrdscale", "version": __version__}, {"package": "python", "version": platform.python_version()}]
+    versions = [{"package": "xrdscale", "version": __version__},
+                {"package": "python", "version": platform.python_version()}]
     for pkg in VERSIONED:
         try:
             versions.append({"package": pkg, "version": importlib.metadata.version(pkg)})

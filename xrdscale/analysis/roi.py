@@ -1,7 +1,8 @@
 """Named regions of interest and per-ROI statistics of every map (the paper's Table S5).
 
 An ROI is a boolean mask (y, x). It is built from a mask array, a threshold on a map
-(``scale`` of ``Al`` above a value, grown by 1 mm: "next to the Al tab"), a polygon in mm (:class:`matplotlib.path.Path`), and combined with ``within``
+(``scale`` of ``Al`` above a value, grown by 1 mm: "next to the Al tab"), a polygon in mm
+(:class:`matplotlib.path.Path`), and combined with ``within``
 (intersection) and ``exclude`` (difference). :func:`roi_table` gives, per dataset, ROI,
 variable and phase, the mean and standard deviation over the ROI's pixels, the mean
 ensemble standard deviation (``<variable>_std``) and the pixel count, as a pandas table.
@@ -10,7 +11,6 @@ ensemble standard deviation (``<variable>_std``) and the pixel count, as a panda
 from __future__ import annotations
 
 import logging
-import warnings
 from collections.abc import Mapping, Sequence
 from typing import Any
 
@@ -200,17 +200,18 @@ def roi_table(datasets: Mapping[str, xr.Dataset], rois: xr.DataArray | Mapping[s
             x = maps[var].astype(float)
             valid = x.notnull().astype(float)
             x0 = x.fillna(0.0)
+            # NaN (not 0) where an ROI has no valid pixel (no c for a cubic phase): those rows are
+            # NaN without a 0/0 in the tasks, and are dropped below
             n = xr.dot(mask, valid, dim=("y", "x"))
+            n = n.where(n > 0)
             mean = xr.dot(mask, x0, dim=("y", "x")) / n
             stats[f"{var}|mean"] = mean
             stats[f"{var}|std"] = np.sqrt((xr.dot(mask, x0**2, dim=("y", "x")) / n - mean**2).clip(min=0.0))
             if f"{var}_std" in maps.data_vars:
                 e = maps[f"{var}_std"].astype(float)
-                stats[f"{var}|ens"] = xr.dot(mask, e.fillna(0.0), dim=("y", "x")) / xr.dot(
-                    mask, e.notnull().astype(float), dim=("y", "x"))
-        with warnings.catch_warnings():  # all-NaN maps (no c for a cubic phase) give NaN rows, dropped below
-            warnings.simplefilter("ignore", RuntimeWarning)
-            done = xr.Dataset(stats).compute()
+                n_e = xr.dot(mask, e.notnull().astype(float), dim=("y", "x"))
+                stats[f"{var}|ens"] = xr.dot(mask, e.fillna(0.0), dim=("y", "x")) / n_e.where(n_e > 0)
+        done = xr.Dataset(stats).compute()
         for var in dict.fromkeys(k.split("|")[0] for k in stats):
             mean = done[f"{var}|mean"].transpose("roi", "phase")
             std = done[f"{var}|std"].transpose("roi", "phase")

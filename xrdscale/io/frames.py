@@ -28,8 +28,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from xrdscale.io import storage
 from xrdscale.exceptions import InputError, StorageError
+from xrdscale.io import storage
 
 logger = logging.getLogger(__name__)
 

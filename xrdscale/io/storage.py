@@ -206,8 +206,9 @@ def create_store(ds: xr.Dataset, url: str, *, stage: str, config: Mapping[str, A
         # Consolidated metadata is not (yet) in the zarr v3 spec, but zarr-python and xarray
         # support it and it saves one request per array on object stores.
         warnings.filterwarnings("ignore", message="Consolidated metadata", category=UserWarning)
-        return ds.to_zarr(url, mode="w", compute=compute, encoding=dict(encoding or {}),
-                          storage_options=storage_options(url) or None, consolidated=True)
+        to_zarr: Any = ds.to_zarr  # one call for compute=True/False (two overloads)
+        return to_zarr(url, mode="w", compute=compute, encoding=dict(encoding or {}),
+                       storage_options=storage_options(url) or None, consolidated=True)
 
 
 def write_store(ds: xr.Dataset, url: str, *, stage: str, config: Mapping[str, Any] | None = None,
@@ -359,8 +360,10 @@ def open_zarr(url: str, *, dask: bool = True, layout: StoreLayout | None = None)
     """
     layout = layout or store_layout(url)
     with io_errors(url, "open the store"):
+        if dask:
+            return xr.open_zarr(url, storage_options=storage_options(url) or None, consolidated=layout.consolidated)
         return xr.open_zarr(url, storage_options=storage_options(url) or None, consolidated=layout.consolidated,
-                            **({} if dask else {"chunks": None}))
+                            chunks=None)
 
 
 def open_store(url: str, *, require_complete: bool = True, stage: str | None = None,

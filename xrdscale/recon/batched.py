@@ -37,6 +37,7 @@ import tempfile
 import threading
 import warnings
 import weakref
+from typing import Any
 
 import astra
 import numpy as np
@@ -100,7 +101,7 @@ class _Block:
 
     start: int  # first ray of the block's angles (rows of ``W``, columns of ``Wᵀ``)
     stop: int
-    part: object  # torch sparse CSR tensor, or {array name: path}
+    part: Any  # torch sparse CSR tensor, or {array name: path}
 
     def tensor(self, device: str) -> torch.Tensor:
         """The block as a torch sparse CSR tensor on ``device``."""
@@ -131,7 +132,7 @@ class Operator:
         self.geometry = geometry
         self.device = device
         self.sirt = sirt
-        self.spill_dir = None
+        self.spill_dir: str | None = None
         if spill:
             self.spill_dir = tempfile.mkdtemp(prefix="xrdscale-operator-")
             weakref.finalize(self, shutil.rmtree, self.spill_dir, True)
@@ -170,7 +171,7 @@ class Operator:
     def _save(self, name: str, arrays: dict[str, np.ndarray]) -> dict[str, str]:
         paths = {}
         for k, v in arrays.items():
-            paths[k] = os.path.join(self.spill_dir, f"{name}_{k}.npy")
+            paths[k] = os.path.join(str(self.spill_dir), f"{name}_{k}.npy")
             np.save(paths[k], v)
         return paths
 

@@ -21,6 +21,7 @@ the pipeline again with the new maps.
 from __future__ import annotations
 
 import logging
+from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
 import astra
