@@ -108,9 +108,11 @@ def make_campaign(root, n_datasets: int = 3, *, workspace: str | None = None, ex
     for i in range(n_datasets):
         np.save(os.path.join(root, "raw", f"d{i}.npy"), rng.random((N_FRAMES, NPT)))
         datasets.append({"id": f"d{i}", "state": "charged", "voltage": 4.2, "raw": f"raw/d{i}.npy"})
-    for name in ("lib.yaml", "det.poni"):
-        with open(os.path.join(root, name), "w") as f:
-            f.write("placeholder input of the test doubles\n")
+    with open(os.path.join(root, "lib.yaml"), "w") as f:
+        f.write("placeholder input of the test doubles\n")
+    with open(os.path.join(root, "det.poni"), "w") as f:  # a PONI pyFAI can use (the real integrate checks it)
+        f.write("poni_version: 2\nDetector: Pilatus1M\nDistance: 0.3\nPoni1: 0.05\nPoni2: 0.05\nRot1: 0\nRot2: 0\n"
+                "Rot3: 0\nWavelength: 1.30509e-11\n")
     spec = {"version": 1, "campaign": "doubles", "workspace": workspace or "work",
             "geometry": {"poni": "det.poni"}, "phases": "lib.yaml",
             "cluster": {"kind": "local", "workers": 1, "dashboard": False},

@@ -29,7 +29,7 @@ def rng() -> np.random.Generator:
 
 @pytest.fixture(scope="module")
 def dask_client():
-    """A Dask client of an in-process ``LocalCluster`` (one worker, two threads, no dashboard).
+    """A Dask client of an in-process ``LocalCluster`` (one worker, two threads, ``dashboard_address=None``).
 
     In-process (``processes=False``), so stage doubles and monkeypatches of the test module
     are seen by the tasks; one per test module, closed after its last test.

@@ -86,7 +86,7 @@ def test_report_command(tmp_path, rng):
         urls.append(storage.write_store(maps, str(tmp_path / f"c1-{v}V" / "maps.zarr"), stage="maps"))
     res = runner.invoke(app, ["report", *urls, str(tmp_path / "report"), "--cycle", "1", "--centre", "1.2,1.2"])
     assert res.exit_code == 0, res.output
-    html = open(tmp_path / "report" / "report.html", encoding="utf-8").read()
+    html = (tmp_path / "report" / "report.html").read_text(encoding="utf-8")
     assert "c1-2.65V" in html and "Cycle 1: voltage series" in html and "<table" in html
 
 

@@ -78,4 +78,5 @@ def test_workspace_override_on_the_command_line(tmp_path, monkeypatch, capsys):
     other = tmp_path / "elsewhere"
     code, out, _ = _cli(monkeypatch, capsys, "campaign", "status", path, "--workspace", str(other))
     assert code == 0 and "has not been run yet" in out and str(other) in out
-    assert yaml.safe_load(open(path))["workspace"] == "work"
+    with open(path) as f:
+        assert yaml.safe_load(f)["workspace"] == "work"

@@ -84,7 +84,8 @@ def _attach_to_ray(address):
 
 
 @pytest.mark.slow
-def test_local_cluster_and_lazy_ray_shut_down_cleanly(caplog):
+def test_local_cluster_and_lazy_ray_shut_down_cleanly(caplog, monkeypatch):
+    monkeypatch.setattr(logging.getLogger("distributed"), "propagate", True)  # to caplog's handler
     with caplog.at_level(logging.WARNING, logger="distributed"):
         with connect(LocalCluster(workers=1, dashboard=True)) as (client, ray_handle):
             assert client.dashboard_link

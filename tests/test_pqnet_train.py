@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
+import logging
+import re
+
 import numpy as np
 import pytest
 import xarray as xr
 
 from xrdscale.io import storage
+from xrdscale.physics.crystal import builtin_phase
+from xrdscale.physics.pattern import simulate_patterns
+from xrdscale.physics.phaselib import PhaseLibrary
 from xrdscale.pqnet.library import make_library
 from xrdscale.pqnet.registry import open_entry
 from xrdscale.pqnet.serve import load_ensemble
 from xrdscale.pqnet.train import train_ensemble
-from xrdscale.physics.pattern import simulate_patterns
-from xrdscale.physics.phaselib import PhaseLibrary
-from xrdscale.physics.crystal import builtin_phase
 
 # NCA (scale, a, c) and Al at demo noise (the counts of the packaged libraries).
 YAML = """\
@@ -91,3 +94,64 @@ def test_maps_from_a_phantom_volume_correlate_with_the_truth(trained, tmp_path):
         got = maps[var].sel(phase=phase).values.ravel()
         assert np.corrcoef(got, truth[phase][var])[0, 1] >= 0.9, (phase, var)
     assert np.isnan(maps["a"].sel(phase="Al").values).all() and np.isnan(maps["size"].values).all()
+
+
+@pytest.fixture(scope="module")
+def tiny_library(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    (root / "lib.yaml").write_text(YAML)
+    return make_library(str(root / "lib.yaml"), str(root / "lib.zarr"), n=300, block=150), root
+
+
+EPOCH = re.compile(r"^member (\d)/2 \(seed (\d)\): epoch (\d)/2, loss \d+\.\d{4}, val \d+\.\d{4}, "
+                   r"\d+\.\d s/epoch, (at most \d+ (s|min \d+ s) left|done)")
+
+
+def _epoch_lines(caplog) -> list[str]:
+    return [r.getMessage() for r in caplog.records if r.name == "xrdscale.pqnet.train" and "epoch" in r.getMessage()]
+
+
+def test_cuda_without_a_gpu_trains_on_the_cpu_logs_every_epoch_and_leaves_torch_as_it_was(tiny_library, caplog,
+                                                                                           monkeypatch):
+    """The one device rule (no ConfigError), an INFO line per epoch, no global torch state left changed."""
+    import torch
+
+    from xrdscale.runtime import devices
+
+    lib_url, root = tiny_library
+    devices.clear_cache()
+    monkeypatch.setattr(devices, "cuda_problem", lambda index=None: "torch sees no CUDA device")
+    threads, rng_state = torch.get_num_threads(), torch.random.get_rng_state()
+    with caplog.at_level(logging.INFO, logger="xrdscale"):
+        train_ensemble(lib_url, str(root / "model-cpu"), ensemble=2, epochs=2, batch=64, device="cuda",
+                       parallel=False, model_options=SMALL)
+    devices.clear_cache()
+    assert open_entry(str(root / "model-cpu")).config["device"] == "cpu"
+    assert [m for m in caplog.messages if "CUDA is not usable" in m] == [
+        "pqnet train: CUDA is not usable here (torch sees no CUDA device); running on the CPU"]
+    lines = _epoch_lines(caplog)
+    assert len(lines) == 4 and all(EPOCH.match(line) for line in lines), lines
+    assert [EPOCH.match(line).group(1, 3) for line in lines] == [("1", "1"), ("1", "2"), ("2", "1"), ("2", "2")]
+    assert torch.get_num_threads() == threads
+    assert torch.equal(torch.random.get_rng_state(), rng_state)
+
+
+@pytest.mark.slow
+def test_members_on_ray_stream_their_epochs_to_the_driver(tiny_library, caplog):
+    from xrdscale.runtime import ray as ray_runtime
+
+    lib_url, root = tiny_library
+    ray = ray_runtime.ensure(num_cpus=2)
+    try:
+        with caplog.at_level(logging.INFO, logger="xrdscale.pqnet.train"):
+            train_ensemble(lib_url, str(root / "model-ray"), ensemble=2, epochs=2, batch=64, device="cpu",
+                           parallel=True, model_options=SMALL)
+    finally:
+        ray.shutdown()
+    lines = _epoch_lines(caplog)
+    assert sorted(EPOCH.match(line).group(1, 3) for line in lines) == [("1", "1"), ("1", "2"), ("2", "1"),
+                                                                       ("2", "2")], lines
+    # logged by the driver as the epochs came, not after the members returned
+    times = [r.created for r in caplog.records if r.name == "xrdscale.pqnet.train" and "epoch 1/2" in r.getMessage()]
+    done = [r.created for r in caplog.records if r.name == "xrdscale.pqnet.train" and "epoch 2/2" in r.getMessage()]
+    assert min(times) < max(done)

@@ -195,3 +195,63 @@ def test_cli_integrate_into_a_pipe_prints_progress_lines_and_no_engine_chatter(t
     chatter = [ln for ln in lines if re.search(r"distributed|Nanny|Scheduler|Worker|jupyter-server-proxy|"
                                                r"stale lock|still alive|Completed", ln)]
     assert chatter == [], res.stderr
+
+
+def test_campaign_progress_without_a_terminal_logs_each_finished_stage(caplog):
+    from types import SimpleNamespace
+
+    from rich.console import Console
+
+    from xrdscale.campaign.progress import CampaignProgress
+
+    plan = SimpleNamespace(model_tasks=[], report_stage=None, dataset_tasks={"c1": [1, 2], "c2": [1, 2]})
+    with caplog.at_level(logging.INFO, logger="xrdscale.campaign.progress"):
+        with CampaignProgress(Console(file=open("/dev/null", "w"), force_terminal=False)) as bars:
+            bars.connected(None, plan)
+            bars.event("c1", "integrate", "running")
+            bars.event("c1", "integrate", "skipped")
+            bars.event("c2", "integrate", "done")
+            bars.event("c2", "sinogram", "failed")
+    messages = [r.getMessage() for r in caplog.records if r.name == "xrdscale.campaign.progress"]
+    assert messages[0].startswith("c2: integrate done (1/2 stages; campaign 2/4, ETA ")
+    assert messages[1] == "c2: sinogram failed (1/2 stages; campaign 2/4, ETA " + messages[1].split("ETA ")[1]
+    assert len(messages) == 2
+
+
+@pytest.fixture
+def logging_state():
+    """Restore what the command line's root callback changes in this process."""
+    import dask
+
+    from xrdscale.cli import CHATTY_LOGGERS
+
+    names = ["", "xrdscale", *CHATTY_LOGGERS]
+    saved = {n: (logging.getLogger(n).level, list(logging.getLogger(n).handlers), logging.getLogger(n).propagate)
+             for n in names}
+    config = dask.config.get("logging", default=None), dask.config.get("xrdscale.ray.logging-level", default=None)
+    yield
+    for n, (level, handlers, propagate) in saved.items():
+        lg = logging.getLogger(n)
+        lg.setLevel(level)
+        lg.handlers[:] = handlers
+        lg.propagate = propagate
+    dask.config.set({"logging": config[0], "xrdscale.ray.logging-level": config[1]})
+
+
+@pytest.mark.parametrize(("verbose", "engines", "own"), [(0, logging.ERROR, logging.INFO),
+                                                         (1, logging.INFO, logging.INFO),
+                                                         (2, logging.DEBUG, logging.DEBUG)])
+def test_the_engines_are_quiet_unless_verbose(logging_state, verbose, engines, own):
+    import dask
+
+    from xrdscale.cli import _root
+    from xrdscale.runtime.cluster import worker_log_level
+    from xrdscale.runtime.ray import logging_level
+
+    _root(version=False, verbose=verbose)
+    assert logging.getLogger("xrdscale").getEffectiveLevel() == own
+    for name in ("distributed", "distributed.client", "ray", "silx.opencl.common"):
+        assert logging.getLogger(name).getEffectiveLevel() == engines, name
+    assert worker_log_level() == engines  # what local worker processes get
+    assert logging_level() == engines  # what ray.init gets
+    assert dask.config.get("logging")["distributed"] == logging.getLevelName(engines).lower()

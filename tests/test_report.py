@@ -70,7 +70,8 @@ def report(campaign, tmp_path_factory):
 
 def test_report_contents(report):
     out, url = report
-    text = open(url, encoding="utf-8").read()
+    with open(url, encoding="utf-8") as f:
+        text = f.read()
     figs = os.listdir(os.path.join(out, "figures"))
     assert text.count("data:image/png;base64,") == len(figs) >= 3 * 9
     for name in ("c7-2.65V_scale.png", "c7-4.2V_weight_fraction_std.png", "c7-3.85V_unrolled.png",
@@ -91,7 +92,8 @@ def test_report_renders_in_headless_chromium(report, tmp_path):
              "ok:im.filter(i=>i.complete&&i.naturalWidth>0).length,tables:document.querySelectorAll('table').length,"
              "rows:document.querySelectorAll('tr').length}));});</script>")
     probed = tmp_path / "probed.html"
-    probed.write_text(open(url, encoding="utf-8").read().replace("</body>", probe + "</body>"), encoding="utf-8")
+    with open(url, encoding="utf-8") as f:
+        probed.write_text(f.read().replace("</body>", probe + "</body>"), encoding="utf-8")
     flags = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
              "--disable-dev-shm-usage", "--enable-logging=stderr", "--v=0", "--virtual-time-budget=10000"]
     dom = subprocess.run([CHROMIUM, *flags, "--dump-dom", probed.as_uri()], capture_output=True, text=True, timeout=120)

@@ -2,9 +2,8 @@
 
 In a terminal: an overall bar (stages done of all, with the time left once a few stages
 have finished), and one bar per dataset (and one for the model) with its current stage and
-elapsed time. Without a terminal (a log file or a pipe): one log line per finished, skipped
-or failed stage with the overall count and the time left, from the logger
-``xrdscale.campaign.progress``.
+elapsed time. Without a terminal (a log file or a pipe): one log line per finished or failed
+stage with the overall count and the time left, from the logger ``xrdscale.campaign.progress``.
 """
 
 from __future__ import annotations
@@ -109,7 +108,7 @@ class CampaignProgress:
             self.progress.update(task, stage=label, advance=1 if finished else 0)
             if finished and _ALL in self._tasks:
                 self.progress.update(self._tasks[_ALL], advance=1)
-            if not self.live and status in ("done", "skipped", "failed"):
+            if not self.live and status in ("done", "failed"):  # (the runner logs each skip itself)
                 eta = self.eta()
                 left = f", ETA {format_duration(eta)}" if eta is not None else ""
                 logger.info("%s: %s %s (%d/%d stages; campaign %d/%d%s)", self._names[dataset], stage, status,

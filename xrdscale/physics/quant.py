@@ -26,10 +26,9 @@ True
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import numpy as np
-
-from typing import Any
 
 from xrdscale.physics.crystal import Phase, cell_volume
 

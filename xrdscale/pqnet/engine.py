@@ -13,6 +13,7 @@ import io
 import logging
 import warnings
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 import torch
@@ -40,7 +41,7 @@ def export_onnx(model: PQNet) -> bytes:
         The ONNX model with input ``patterns`` (batch, npt) and output ``outputs`` (batch, n_routes).
     """
     model = model.eval()
-    example = torch.rand(2, model.spec.npt)
+    example = torch.rand(2, model.spec.npt, generator=torch.Generator().manual_seed(0))  # not the global RNG
     buf = io.BytesIO()
     with warnings.catch_warnings():
         # The TorchScript exporter is deprecated but exports this graph in ~0.1 s instead of
@@ -109,7 +110,7 @@ class Ensemble:
             opts = ort.SessionOptions()
             opts.intra_op_num_threads = self.threads
             opts.inter_op_num_threads = 1
-            providers = ["CPUExecutionProvider"]
+            providers: list[str | tuple[str, dict[str, Any]]] = ["CPUExecutionProvider"]
             if self.device != "cpu":
                 index = self.device.partition(":")[2]
                 providers.insert(0, ("CUDAExecutionProvider", {"device_id": int(index)}) if index

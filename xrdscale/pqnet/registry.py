@@ -26,8 +26,8 @@ from typing import Any
 import numpy as np
 import torch
 
-from xrdscale.io import storage
 from xrdscale.exceptions import IncompleteStoreError, InputError, StorageError
+from xrdscale.io import storage
 from xrdscale.pqnet.model import ModelSpec, PQNet
 
 logger = logging.getLogger(__name__)

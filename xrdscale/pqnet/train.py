@@ -321,10 +321,11 @@ def train_ensemble(library_url: str, model_url: str, *, ensemble: int = 10, epoc
     else:
         members = [train_member(library_url, spec.to_dict(), s, cfg, _epoch_logger(seeds)) for s in seeds]
     models = []
-    for m in members:
-        net = PQNet(spec)
-        net.load_state_dict(torch.load(io.BytesIO(m.state), weights_only=True))
-        models.append(net.eval())
+    with torch.random.fork_rng(devices=[]):  # the initial weights are overwritten: keep the caller's RNG as it was
+        for m in members:
+            net = PQNet(spec)
+            net.load_state_dict(torch.load(io.BytesIO(m.state), weights_only=True))
+            models.append(net.eval())
     metrics = evaluate(Ensemble(models, [m.onnx for m in members]), ds, routes, test_sl)
     config = {"library": storage.redact(library_url), "library_id": ds.attrs.get("created"), "ensemble": ensemble,
               "epochs": epochs, "batch": batch, "lr": lr, "patience": patience, "device": device, "seed": seed,

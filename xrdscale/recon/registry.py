@@ -13,7 +13,7 @@ import dataclasses
 import logging
 import types
 from collections.abc import Callable, Mapping
-from typing import Protocol
+from typing import Any, Protocol
 
 import numpy as np
 
@@ -79,7 +79,7 @@ class Impl:
 
 def _cuda_probe(name: str) -> Callable[[], str | None] | None:
     """The CUDA check of engine ``name`` (None: torch's, which the batched engine uses)."""
-    cls = ENGINES[name]
+    cls: Any = ENGINES[name]
     if cls is BatchedEngine:
         return None
     return lambda: None if cls.cuda_available() else f"the {name} engine has no CUDA build or sees no GPU"
