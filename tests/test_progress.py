@@ -6,6 +6,7 @@ Every compute here runs with output captured (no TTY), so progress comes as log 
 
 from __future__ import annotations
 
+import io
 import logging
 import re
 import subprocess
@@ -206,7 +207,7 @@ def test_campaign_progress_without_a_terminal_logs_each_finished_stage(caplog):
 
     plan = SimpleNamespace(model_tasks=[], report_stage=None, dataset_tasks={"c1": [1, 2], "c2": [1, 2]})
     with caplog.at_level(logging.INFO, logger="xrdscale.campaign.progress"):
-        with CampaignProgress(Console(file=open("/dev/null", "w"), force_terminal=False)) as bars:
+        with CampaignProgress(Console(file=io.StringIO(), force_terminal=False)) as bars:
             bars.connected(None, plan)
             bars.event("c1", "integrate", "running")
             bars.event("c1", "integrate", "skipped")

@@ -124,7 +124,7 @@ def dask_client(workers: int | None, scheduler: str | None) -> Iterator[Any]:
     if workers is None or workers < 1:
         raise ConfigError(f"--workers {workers}: expected at least 1")
     with worker_environ(), \
-            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=None) as cluster, \
+            LocalCluster(n_workers=workers, threads_per_worker=1, processes=True, dashboard_address=":0") as cluster, \
             Client(cluster) as client:
         yield client
 

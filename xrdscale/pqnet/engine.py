@@ -48,7 +48,8 @@ def export_onnx(model: PQNet) -> bytes:
         # ~5 s for torch.export; fall back to the latter if it ever goes away.
         warnings.simplefilter("ignore", DeprecationWarning)
         try:
-            torch.onnx.export(model, (example,), buf, input_names=["patterns"], output_names=["outputs"],
+            torch.onnx.export(model, (example,), buf,  # type: ignore[arg-type]  # a file-like object is accepted
+                              input_names=["patterns"], output_names=["outputs"],
                               dynamic_axes={"patterns": {0: "batch"}, "outputs": {0: "batch"}}, dynamo=False)
         except (RuntimeError, TypeError, AttributeError) as exc:
             logger.info("TorchScript ONNX export unavailable (%s); using torch.export", exc)
@@ -56,7 +57,9 @@ def export_onnx(model: PQNet) -> bytes:
             with contextlib.redirect_stdout(io.StringIO()):
                 prog = torch.onnx.export(model, (example,), input_names=["patterns"], output_names=["outputs"],
                                          dynamic_shapes=({0: torch.export.Dim("batch")},), dynamo=True)
-            prog.save(buf)
+            if prog is None:
+                raise RuntimeError("torch.onnx.export returned no program") from exc
+            prog.save(buf)  # type: ignore[arg-type]  # a file-like object is accepted
     return buf.getvalue()
 
 

@@ -154,10 +154,12 @@ def train_member(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig,
         def on_epoch(record: dict[str, Any]) -> None:
             logger.info("%s", epoch_line(record))
 
-    with torch_threads(cfg.threads), torch.random.fork_rng(devices=_rng_devices(cfg.device)):
+    cuda = _rng_devices(cfg.device)
+    with torch_threads(cfg.threads), torch.random.fork_rng(devices=cuda):
         torch.default_generator.manual_seed(seed)
-        if cfg.device != "cpu":
-            torch.cuda.manual_seed(seed)
+        for index in cuda:
+            with torch.cuda.device(index):
+                torch.cuda.manual_seed(seed)
         return _train_member(library_url, spec_dict, seed, cfg, on_epoch)
 
 
@@ -222,7 +224,8 @@ def _train_member(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig
         if stopped:
             break
     model = model.cpu()
-    model.load_state_dict(best_state)
+    if best_state is not None:  # at least one epoch ran (epochs ≥ 1)
+        model.load_state_dict(best_state)
     info = {"seed": seed, "epochs_run": len(curves["val_mae"]), "best_val_mae": best, "curves": curves}
     return registry.MemberFiles(state=registry.state_bytes(model), onnx=export_onnx(model), info=info)
 

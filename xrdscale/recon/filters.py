@@ -15,11 +15,14 @@ from __future__ import annotations
 
 import functools
 import logging
+from typing import TYPE_CHECKING
 
 import numpy as np
-import torch
 
 from xrdscale.exceptions import ConfigError
+
+if TYPE_CHECKING:
+    import torch
 
 logger = logging.getLogger(__name__)
 
@@ -104,6 +107,8 @@ def filter_sinograms(sino: torch.Tensor, name: str) -> torch.Tensor:
         Filtered sinograms, same shape and dtype, scaled by ``π / n_angles`` so that a
         plain back projection of them is the FBP reconstruction.
     """
+    import torch
+
     n_angles, n_det = sino.shape[0], sino.shape[1]
     if n_det <= TOEPLITZ_MAX_BINS:
         kernel = torch.as_tensor(_kernel_matrix(name, n_det, n_angles), dtype=sino.dtype, device=sino.device)

@@ -18,8 +18,6 @@ from typing import Any, Protocol
 import numpy as np
 
 from xrdscale.exceptions import ConfigError
-from xrdscale.recon.astra_engine import AstraEngine
-from xrdscale.recon.batched import BatchedEngine
 from xrdscale.recon.geometry import Geometry
 from xrdscale.runtime.devices import resolve_device
 
@@ -46,8 +44,10 @@ class Engine(Protocol):
         """``iterations`` SIRT iterations of every channel of ``sino``, starting from zero."""
 
 
-#: engine name -> engine class (constant; engines are not registered by import side effect)
-ENGINES: Mapping[str, type] = types.MappingProxyType({"astra": AstraEngine, "batched": BatchedEngine})
+#: engine name -> ``module:Class`` of the engine (imported on first use: importing the registry,
+#: as the stage configs and the CLI do, loads neither ASTRA nor torch)
+ENGINES: Mapping[str, str] = types.MappingProxyType({"astra": "xrdscale.recon.astra_engine:AstraEngine",
+                                                     "batched": "xrdscale.recon.batched:BatchedEngine"})
 #: names of the engines (without ``auto``)
 ENGINE_NAMES: tuple[str, ...] = tuple(ENGINES)
 
@@ -77,11 +77,19 @@ class Impl:
         return Impl(name, device)
 
 
+def engine_class(name: str) -> Any:
+    """The class of engine ``name`` (imported here, on first use)."""
+    import importlib
+
+    module, _, attr = ENGINES[name].partition(":")
+    return getattr(importlib.import_module(module), attr)
+
+
 def _cuda_probe(name: str) -> Callable[[], str | None] | None:
     """The CUDA check of engine ``name`` (None: torch's, which the batched engine uses)."""
-    cls: Any = ENGINES[name]
-    if cls is BatchedEngine:
+    if name == "batched":
         return None
+    cls = engine_class(name)
     return lambda: None if cls.cuda_available() else f"the {name} engine has no CUDA build or sees no GPU"
 
 
@@ -111,4 +119,4 @@ def get_engine(impl: Impl) -> Engine:
         Unknown engine or device name (the message lists the available ones).
     """
     concrete = impl.resolved()
-    return ENGINES[concrete.engine](device=concrete.device)
+    return engine_class(concrete.engine)(device=concrete.device)

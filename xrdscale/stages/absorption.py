@@ -24,7 +24,6 @@ import logging
 from collections.abc import Mapping
 from typing import Any, ClassVar, Literal
 
-import astra
 import numpy as np
 import xarray as xr
 from pydantic import Field, model_validator
@@ -38,7 +37,6 @@ from xrdscale.physics.attenuation import mass_attenuation as mass_attenuation
 from xrdscale.physics.attenuation import mu_from_fractions
 from xrdscale.physics.attenuation import phase_composition as phase_composition
 from xrdscale.physics.constants import DEFAULT_ENERGY_KEV
-from xrdscale.recon.astra_engine import astra_geometry
 from xrdscale.recon.geometry import Geometry
 from xrdscale.stages.base import StageConfig, guarded, runtime_field, write_output
 from xrdscale.stages.reconstruct import open_sinogram
@@ -124,6 +122,10 @@ def transmission(mu_mm: np.ndarray, geometry: Geometry) -> np.ndarray:
                          "compute the map on the reconstruction grid of this sinogram")
     if not np.isfinite(mu_mm).all() or (mu_mm < 0).any():
         raise InputError("the μ map has NaN, infinite or negative values; μ must be finite and ≥ 0 (1/mm)")
+    import astra
+
+    from xrdscale.recon.astra_engine import astra_geometry
+
     vol_geom, proj_geom, projector = astra_geometry(geometry)
     mu_px = (mu_mm * geometry.step_mm)[::-1].astype(np.float32)  # ASTRA rows run from +y down
     sino_id, line_integrals = astra.create_sino(np.ascontiguousarray(mu_px), projector)

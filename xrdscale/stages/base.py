@@ -112,15 +112,8 @@ def current_client(client: Any = None) -> Any:
 def compute(collection: Any, *, client: Any = None, progress: bool = True, label: str = "",
             total: int | None = None, unit: str = "tasks") -> Any:
     """Compute a Dask collection on the client (or the local scheduler), with progress."""
-    try:
-        from xrdscale.runtime.progress import compute as tracked
-    except ImportError:  # TEMPORARY until runtime.progress lands
-        import dask
+    from xrdscale.runtime.progress import compute as tracked
 
-        client = current_client(client)
-        if client is None:
-            return dask.compute(collection)
-        return client.compute(collection).result()
     return tracked(collection, client=current_client(client), label=label, total=total, unit=unit,
                    progress=progress)
 

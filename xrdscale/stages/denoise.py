@@ -22,10 +22,9 @@ from __future__ import annotations
 
 import copy
 import logging
-from typing import Annotated, Any, ClassVar
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar
 
 import numpy as np
-import torch
 from pydantic import Field
 
 from xrdscale.config import one_of
@@ -34,10 +33,14 @@ from xrdscale.io import storage
 from xrdscale.recon.filters import FILTERS, check_filter
 from xrdscale.recon.geometry import Geometry
 from xrdscale.recon.registry import DEVICES, ENGINE_NAMES, Engine, Impl, get_engine
-from xrdscale.recon.unet import UNet
 from xrdscale.runtime.devices import resolve_device
 from xrdscale.stages.base import StageConfig, guarded, runtime_field
 from xrdscale.stages.reconstruct import channel_volumes, open_sinogram, write_volume
+
+if TYPE_CHECKING:
+    import torch
+
+    from xrdscale.recon.unet import UNet
 
 logger = logging.getLogger(__name__)
 
@@ -105,6 +108,8 @@ def split_pairs(sino: np.ndarray, geometry: Geometry, engine: Engine, filter_nam
 def training_set(sino: np.ndarray, geometry: Geometry, engine: Engine, filter_name: str, config: DenoiseConfig,
                  rng: np.random.Generator) -> tuple[torch.Tensor, torch.Tensor, np.ndarray, np.ndarray]:
     """Normalised training pairs ``(x, y)`` of shape ``(n, 1, h, w)``, the full FBP and the scales."""
+    import torch
+
     xs, ys = [], []
     full = scale = np.zeros(0)
     for _ in range(config.realizations):
@@ -119,6 +124,8 @@ def training_set(sino: np.ndarray, geometry: Geometry, engine: Engine, filter_na
 def train(net: UNet, x: torch.Tensor, y: torch.Tensor, *, epochs: int, config: DenoiseConfig, device: str,
           seed: int) -> UNet:
     """Train ``net`` on pairs ``(x, y)`` with the L1 loss and Adam; returns it in eval mode."""
+    import torch
+
     net = net.to(device).train()
     opt = torch.optim.Adam(net.parameters(), lr=config.lr)
     gen = torch.Generator().manual_seed(seed)
@@ -139,6 +146,8 @@ def train(net: UNet, x: torch.Tensor, y: torch.Tensor, *, epochs: int, config: D
 
 def apply(net: UNet, images: np.ndarray, scale: np.ndarray, device: str) -> np.ndarray:
     """Denoise ``(channel, y, x)`` images (normalised by ``scale``) → ``(y, x, channel)``."""
+    import torch
+
     with torch.no_grad():
         x = torch.from_numpy((images / scale[:, None, None])[:, None].astype(np.float32)).to(device)
         out = net(x)[:, 0].cpu().numpy() * scale[:, None, None]
@@ -148,6 +157,8 @@ def apply(net: UNet, images: np.ndarray, scale: np.ndarray, device: str) -> np.n
 def denoise_block(block: np.ndarray, *, geometry: Geometry, q: np.ndarray, engine: Engine, filter_name: str,
                   config: DenoiseConfig, state: dict, device: str, source: str) -> np.ndarray:
     """Fine-tune the pre-trained network on one chunk of channels and denoise them."""
+    from xrdscale.recon.unet import UNet
+
     if not np.isfinite(block).all():
         raise InputError(f"{source} has NaN or infinite values near q = {np.round(q[:3], 4).tolist()}; "
                          "mask or interpolate them in the sinogram stage")
@@ -196,6 +207,10 @@ def denoise(sinogram_url: str, volume_url: str, out_url: str, *, config: Denoise
 
 def _denoise(sinogram_url: str, volume_url: str, out_url: str, config: DenoiseConfig, client: Any,
              progress: bool) -> str:
+    import torch
+
+    from xrdscale.recon.unet import UNet
+
     intensity, geometry = open_sinogram(sinogram_url, dask=False)
     volume = storage.open_store(volume_url, stage="volume")
     if volume["intensity"].shape != (geometry.n_det, geometry.n_det, intensity.sizes["q"]):
@@ -217,10 +232,11 @@ def _denoise(sinogram_url: str, volume_url: str, out_url: str, config: DenoiseCo
     if not np.isfinite(pre).all():
         raise InputError(f"sinogram {storage.redact(sinogram_url)} has NaN or infinite values; "
                          "mask or interpolate them in the sinogram stage")
-    torch.manual_seed(config.seed)
     x, y, _, _ = training_set(pre, geometry, recon_engine, filter, config, rng)
-    net = train(UNet(config.features), x, y, epochs=config.pretrain_epochs, config=config, device=torch_device,
-                seed=config.seed)
+    with torch.random.fork_rng(devices=[]):  # seeded initial weights; the caller's RNG is left as it was
+        torch.manual_seed(config.seed)
+        net0 = UNet(config.features)
+    net = train(net0, x, y, epochs=config.pretrain_epochs, config=config, device=torch_device, seed=config.seed)
     state = {k: v.detach().cpu() for k, v in net.state_dict().items()}
     denoised = channel_volumes(intensity, geometry, denoise_block, chunk=config.channels_per_chunk,
                                engine=recon_engine, filter_name=filter, config=config, state=state,
