@@ -77,6 +77,14 @@ def _root(
                                  "distributed.gc": level_name, "bokeh": "error", "tornado": "critical",
                                  "tornado.application": "error"},
                      "xrdscale.ray.logging-level": level_name})
+    if verbose == 0:
+        import warnings
+
+        # zarr 3 warns on every consolidated write (xrdscale consolidates on purpose: one read
+        # opens a store on S3); the library's own filter around its writes is not thread-safe,
+        # so the command (an application, not the library) silences it once. -v shows it.
+        warnings.filterwarnings("ignore", message="Consolidated metadata is currently not part",
+                                category=UserWarning)
 
 
 def _register() -> None:
