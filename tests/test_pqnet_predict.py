@@ -27,16 +27,6 @@ Q = np.linspace(1.2, 2.8, 64)
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def model_url(tmp_path_factory):
     spec = ModelSpec(phases=("NCA", "Al"), routes=(("NCA", "scale"), ("NCA", "a"), ("NCA", "c"), ("Al", "scale")),
                      npt=Q.size, target_mean=(0.5, 2.84, 14.3, 0.2), target_std=(0.2, 0.02, 0.1, 0.1),

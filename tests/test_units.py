@@ -79,16 +79,6 @@ def write_user_store(url: str, intensity: np.ndarray, q: np.ndarray) -> str:
 
 
 @pytest.fixture(scope="module")
-def ray_local():
-    started = not ray.is_initialized()
-    if started:
-        ray.init(num_cpus=1, include_dashboard=False, log_to_driver=False)
-    yield
-    if started:
-        ray.shutdown()
-
-
-@pytest.fixture(scope="module")
 def trained(tmp_path_factory):
     root = tmp_path_factory.mktemp("units")
     (root / "lib.yaml").write_text(YAML)
