@@ -107,14 +107,19 @@ def _ray(call: StageCall) -> None:
         call.ray.ensure()
 
 
-def _phases(spec: Any) -> dict | None:
-    """Phase objects of the spec's phase library (for weight fractions of non-built-in phases)."""
+def _library(spec: Any) -> Any:
+    """The spec's phase library (None without one)."""
     if not spec.phases:
         return None
     from xrdscale.physics.phaselib import PhaseLibrary
 
-    lib = PhaseLibrary.load(spec.phases)
-    return dict(zip(lib.phase_names, lib.phases))
+    return PhaseLibrary.load(spec.phases)
+
+
+def _phases(spec: Any, lib: Any = None) -> dict | None:
+    """Phase objects of the spec's phase library (for weight fractions of non-built-in phases)."""
+    lib = lib if lib is not None else _library(spec)
+    return None if lib is None else dict(zip(lib.phase_names, lib.phases))
 
 
 def _per_dataset(url: str | None, dataset: Any) -> str | None:
@@ -148,22 +153,21 @@ def _run_sinogram(call: StageCall) -> None:
     build_sinogram(call.inputs["integrate"], call.out, config=call.spec.pipeline.sinogram, progress=False)
 
 
-def _absorption_config(spec: Any, dataset: Any) -> Any:
-    """The absorption config of one dataset: ``{dataset}`` filled in, the energy from the phase library."""
+def _absorption_config(spec: Any, dataset: Any, lib: Any = None) -> Any:
+    """The absorption config of one dataset: ``{dataset}`` filled in, the energy from the phase library ``lib``."""
     cfg = spec.pipeline.absorption
     update: dict[str, Any] = {"mu_map": _per_dataset(cfg.mu_map, dataset), "maps": _per_dataset(cfg.maps, dataset)}
-    if cfg.energy_kev is None and spec.phases:
-        from xrdscale.physics.phaselib import PhaseLibrary
-
-        update["energy_kev"] = HC_KEV_ANGSTROM / PhaseLibrary.load(spec.phases).wavelength
+    if cfg.energy_kev is None and lib is not None:
+        update["energy_kev"] = HC_KEV_ANGSTROM / lib.wavelength
     return cfg.model_copy(update=update)
 
 
 def _run_absorption(call: StageCall) -> None:
     from xrdscale.stages.absorption import correct_absorption
 
-    correct_absorption(call.inputs["sinogram"], call.out, config=_absorption_config(call.spec, call.dataset),
-                       phases=_phases(call.spec), progress=False)
+    lib = _library(call.spec)  # loaded once: it gives the energy and the phases' compositions
+    correct_absorption(call.inputs["sinogram"], call.out, config=_absorption_config(call.spec, call.dataset, lib),
+                       phases=_phases(call.spec, lib), progress=False)
 
 
 def _sinogram_input(inputs: Mapping[str, str]) -> str:
@@ -227,7 +231,9 @@ def _raw_inputs(spec: Any, ds: Any) -> dict:
 
 def _absorption_inputs(spec: Any, ds: Any) -> dict:
     cfg = spec.pipeline.absorption
-    return {k: v for k, v in (("mu_map", _per_dataset(cfg.mu_map, ds)), ("maps", _per_dataset(cfg.maps, ds)))
+    # the phase library sets the energy when energy_kev is not given, and the μ of library phases
+    return {k: v for k, v in (("mu_map", _per_dataset(cfg.mu_map, ds)), ("maps", _per_dataset(cfg.maps, ds)),
+                              ("phases", spec.phases))
             if v is not None}
 
 

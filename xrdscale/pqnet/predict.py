@@ -19,7 +19,7 @@ import xarray as xr
 from xrdscale.exceptions import InputError
 from xrdscale.io import storage
 from xrdscale.pqnet.registry import open_entry
-from xrdscale.pqnet.serve import ServerPool, actor_handles, predict_batches
+from xrdscale.pqnet.serve import ServerPool, actor_handles, predict_batches, serving
 
 logger = logging.getLogger(__name__)
 
@@ -115,24 +115,18 @@ def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch
     from xrdscale.stages.base import guarded, write_output
 
     entry = open_entry(model_url)
-    actors_n = actors
+    options = {"actors": actors, "engine": engine, "device": device, "threads": threads, "members": members}
 
     def body() -> str:
         ds = storage.open_store(in_url)
-        own = pool is None
-        actors = ServerPool(model_url, actors=actors_n, engine=engine, device=device, threads=threads,
-                            members=members) if pool is None else pool
-        try:
-            maps = predict_maps(ds, entry, actors, batch=batch, what=storage.redact(in_url))
+        with serving(model_url, pool, **options) as served:
+            maps = predict_maps(ds, entry, served, batch=batch, what=storage.redact(in_url))
             maps.attrs.update(model=storage.redact(model_url), source=storage.redact(in_url))
             config = {"model": storage.redact(model_url), "model_id": entry.id, "input": storage.redact(in_url),
-                      "actors": len(actors.names), "batch": batch, "engine": engine, "device": actors.device,
-                      "ensemble": actors.members}
+                      "actors": len(served.names), "batch": batch, "engine": engine, "device": served.device,
+                      "ensemble": served.members}
             return write_output(maps, out_url, kind="maps", config=config, client=client, progress=progress,
                                 label="predict", marker={"model_id": entry.id})
-        finally:
-            if own:
-                actors.close()
 
     return guarded(out_url, body)
 

@@ -11,11 +11,13 @@ cluster (a Dask worker, for instance) can reach them by name.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 import time
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -155,6 +157,19 @@ class ServerPool:
 
     def __exit__(self, *exc) -> None:
         self.close()
+
+
+@contextlib.contextmanager
+def serving(model_url: str, pool: ServerPool | None = None, **options: Any) -> Iterator[ServerPool]:
+    """Yield ``pool`` (left running), or a new :class:`ServerPool` of ``model_url`` stopped on exit."""
+    if pool is not None:
+        yield pool
+        return
+    own = ServerPool(model_url, **options)
+    try:
+        yield own
+    finally:
+        own.close()
 
 
 def actor_handles(names: Sequence[str], address: str | None) -> list:

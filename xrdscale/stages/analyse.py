@@ -76,18 +76,15 @@ def analyse(model_url: str, in_url: str, out_url: str, *, phases: Mapping[str, A
     from xrdscale.analysis.fractions import with_weight_fractions
     from xrdscale.pqnet.predict import predict_maps
     from xrdscale.pqnet.registry import open_entry
-    from xrdscale.pqnet.serve import ServerPool
+    from xrdscale.pqnet.serve import serving
 
     cfg = AnalyseConfig.build(config, **settings)
 
     def body() -> str:
         entry = open_entry(model_url)
         ds = storage.open_store(in_url)
-        own = pool is None
-        actors = pool if pool is not None else ServerPool(model_url, actors=cfg.actors, engine=cfg.engine,
-                                                          device=cfg.device, threads=cfg.threads,
-                                                          members=cfg.ensemble)
-        try:
+        with serving(model_url, pool, actors=cfg.actors, engine=cfg.engine, device=cfg.device,
+                     threads=cfg.threads, members=cfg.ensemble) as actors:
             maps = predict_maps(ds, entry, actors, batch=cfg.batch, what=storage.redact(in_url))
             maps = with_weight_fractions(maps, phases)
             maps.attrs.update(model=storage.redact(model_url), source=storage.redact(in_url))
@@ -96,8 +93,5 @@ def analyse(model_url: str, in_url: str, out_url: str, *, phases: Mapping[str, A
                       "device": actors.device}
             return write_output(maps, out_url, kind="maps", config=record, client=client, progress=progress,
                                 label="analyse", marker={"model_id": entry.id})
-        finally:
-            if own:
-                actors.close()
 
     return guarded(out_url, body)

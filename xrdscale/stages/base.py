@@ -97,25 +97,12 @@ def discard(url: str) -> None:
         logger.warning("could not remove the incomplete output %s", storage.redact(url))
 
 
-def current_client(client: Any = None) -> Any:
-    """The given client, else the current distributed client, else None (local scheduler)."""
-    if client is not None:
-        return client
-    try:
-        from distributed import default_client
-
-        return default_client()
-    except (ImportError, ValueError):
-        return None
-
-
 def compute(collection: Any, *, client: Any = None, progress: bool = True, label: str = "",
             total: int | None = None, unit: str = "tasks") -> Any:
     """Compute a Dask collection on the client (or the local scheduler), with progress."""
     from xrdscale.runtime.progress import compute as tracked
 
-    return tracked(collection, client=current_client(client), label=label, total=total, unit=unit,
-                   progress=progress)
+    return tracked(collection, client=client, label=label, total=total, unit=unit, progress=progress)
 
 
 def write_output(ds: xr.Dataset, url: str, *, kind: str, config: Mapping[str, Any], client: Any = None,

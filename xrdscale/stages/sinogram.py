@@ -35,7 +35,8 @@ from pydantic import Field, field_validator
 
 from xrdscale.exceptions import InputError, XrdscaleWarning
 from xrdscale.io import storage
-from xrdscale.stages.base import StageConfig, current_client, guarded, write_output
+from xrdscale.runtime.progress import default_client
+from xrdscale.stages.base import StageConfig, guarded, write_output
 
 logger = logging.getLogger(__name__)
 
@@ -268,7 +269,7 @@ def sinogram_dataset(src: xr.Dataset, config: SinogramConfig, *, client: Any = N
     air_idx = air_frames(lines, air_columns)
     total = pat.sum(axis=1)
     air = pat[air_idx].mean(axis=0) if air_idx.size else da.zeros(pat.shape[1], chunks=-1)
-    client = current_client(client)
+    client = client if client is not None else default_client()
     total, air = dask.compute(total, air, scheduler=client.get if client is not None else "threads")
     air = np.asarray(air, dtype=np.float64)
     bad = np.flatnonzero(~np.isfinite(total))
