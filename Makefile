@@ -31,6 +31,7 @@ lint: $(STAMP)
 	$(VENV)/bin/mypy
 
 bench: $(STAMP)
+	$(PY) -m pip install -c constraints.txt -e ".[bench]"
 	for b in benchmarks/*.py; do $(PY) $$b --quick || exit 1; done
 
 clean:
