@@ -135,13 +135,14 @@ def make_command(spec: StageDef) -> Callable[..., None]:
     fields, yaml_fields = config_parameters(cls, spec.exclude)
     own = []
     for p in spec.params:
+        kind: Any = list[str] if p.many else str
         if p.option:
             default = typer.Option(... if p.required else None, option_name(p.name), help=p.help)
             own.append(inspect.Parameter(p.name, inspect.Parameter.KEYWORD_ONLY, default=default,
-                                         annotation=str if p.required else Optional[str]))
+                                         annotation=kind if p.required else Optional[kind]))
         else:
             own.append(inspect.Parameter(p.name, inspect.Parameter.POSITIONAL_OR_KEYWORD,
-                                         default=typer.Argument(..., help=p.help), annotation=str))
+                                         default=typer.Argument(..., help=p.help), annotation=kind))
     cluster = [
         inspect.Parameter("workers", inspect.Parameter.KEYWORD_ONLY, annotation=Optional[int],
                           default=typer.Option(None, "--workers", help="Start a local Dask cluster with N workers.")),
@@ -169,6 +170,12 @@ def make_command(spec: StageDef) -> Callable[..., None]:
 
 
 def register(app: typer.Typer) -> None:
-    """Add one command per stage of :data:`xrdscale.stages.STAGES` to ``app``."""
+    """Add one command per top-level stage of :data:`xrdscale.stages.STAGES` to ``app``."""
+    register_group(app, None)
+
+
+def register_group(app: typer.Typer, group: str | None) -> None:
+    """Add a command to ``app`` for every stage of :data:`xrdscale.stages.STAGES` in ``group``."""
     for spec in STAGES:
-        app.command(spec.name, help=spec.help)(make_command(spec))
+        if spec.group == group:
+            app.command(spec.name, help=spec.help)(make_command(spec))

@@ -21,6 +21,11 @@ Store kinds and what they hold:
 - ``regions``: ``region`` (y, x), integer codes −1 outside, 0 HL, 1 DL, 2 IN
 - ``truth``: ``scale``, ``a``, ``c``, ``size`` (phase, y, x), optionally ``projection``
   (angle, translation, q)
+- ``cdi-series``: ``phase``, ``displacement``, ``strain``, ``amplitude`` (state, z, y, x),
+  ``support`` (z, y, x), ``omega`` and ``chi2`` (state), coords ``z``, ``y``, ``x`` in nm
+
+Files: ``cxi`` (a Bragg CDI result): ``entry_1/image_1/data`` the complex 3D object, with
+``entry_1/image_1/support`` of its shape and the scalar ``entry_1/image_1/chi2``.
 
 Examples
 --------
@@ -44,9 +49,9 @@ from xrdscale.io import storage
 logger = logging.getLogger(__name__)
 
 #: Kinds of zarr stores with a contract.
-STORE_KINDS = ("patterns", "sinogram", "volume", "maps", "unrolled", "regions", "truth")
+STORE_KINDS = ("patterns", "sinogram", "volume", "maps", "unrolled", "regions", "truth", "cdi-series")
 #: Every kind :func:`check` understands.
-KINDS = ("raw", *STORE_KINDS, "phases", "spec", "model")
+KINDS = ("raw", *STORE_KINDS, "cxi", "phases", "spec", "model")
 
 #: Suffixes of raw NeXus/HDF5 files.
 RAW_SUFFIXES = (".nxs", ".h5", ".hdf5", ".nx5", ".nexus")
@@ -68,6 +73,7 @@ INTENSITY_DIMS = {"patterns": ("frame", "q"), "sinogram": ("angle", "translation
 
 _UNITS = {
     "mm": {"mm", "millimetre", "millimeter", "millimetres", "millimeters"},
+    "nm": {"nm", "nanometre", "nanometer", "nanometres", "nanometers"},
     "deg": {"deg", "degree", "degrees", "°"},
     "1/angstrom": {"1/angstrom", "1/å", "1/a", "1/ang", "å^-1", "a^-1", "angstrom^-1", "å-1", "a-1", "å⁻¹",
                    "angstrom-1", "inverse angstrom", "1/angstroms", "angstrom**-1"},
@@ -110,6 +116,8 @@ def check(url: str, kind: str | None = None) -> tuple[str, list[str]]:
                                f"give --kind (one of {', '.join(KINDS)})"]
         if found == "raw":
             return found, check_raw(url)
+        if found == "cxi":
+            return found, check_cxi(url)
         if found == "phases":
             return found, check_phase_library(url)
         if found == "spec":
@@ -132,6 +140,8 @@ def detect(url: str) -> str | None:
     their variables and dimensions match (see :func:`dataset_kind`).
     """
     low = url.lower().rstrip("/")
+    if low.endswith(".cxi"):
+        return "cxi"
     if low.endswith(RAW_SUFFIXES):
         return "raw"
     if low.endswith(YAML_SUFFIXES):
@@ -567,8 +577,55 @@ def _check_regions(ds: xr.Dataset, name: str) -> list[str]:
     return problems
 
 
+#: Per-voxel and per-state variables of a cdi-series store.
+CDI_VOLUMES = ("amplitude", "phase", "displacement", "strain")
+CDI_STATES = ("omega", "chi2")
+
+
+def _check_cdi_series(ds: xr.Dataset, name: str) -> list[str]:
+    problems: list[str] = []
+    for v in CDI_VOLUMES:
+        _variable(ds, v, ("state", "z", "y", "x"), name, problems, floating=True)
+    _variable(ds, "support", ("z", "y", "x"), name, problems)
+    for v in CDI_STATES:
+        _variable(ds, v, ("state",), name, problems, floating=True)
+    for c in ("z", "y", "x"):
+        _coord(ds, c, c, name, problems, units="nm", increasing=True)
+    return problems
+
+
+def check_cxi(url: str) -> list[str]:
+    """Problems of a Bragg CDI result file against the CXI contract (empty: it meets it)."""
+    import h5py
+
+    name = storage.redact(url)
+    problems: list[str] = []
+    fs, path = storage.filesystem(url)
+    with storage.io_errors(url, "read"), fs.open(path, "rb") as f:
+        try:
+            h5 = h5py.File(f, "r")
+        except OSError as exc:
+            return [f"{name}: not an HDF5/CXI file ({exc})"]
+        with h5:
+            obj = h5.get("entry_1/image_1/data")
+            if not isinstance(obj, h5py.Dataset):
+                return [f"{name}: no entry_1/image_1/data; expected the complex object of a CDI reconstruction"]
+            if obj.ndim != 3 or obj.dtype.kind != "c":
+                problems.append(f"{name}: entry_1/image_1/data is {obj.dtype} of shape {obj.shape}; expected a "
+                                "complex 3D object")
+            support = h5.get("entry_1/image_1/support")
+            if not isinstance(support, h5py.Dataset) or support.shape != obj.shape:
+                problems.append(f"{name}: entry_1/image_1/support is missing or not of the object's shape "
+                                f"{obj.shape}")
+            chi2 = h5.get("entry_1/image_1/chi2")
+            if not isinstance(chi2, h5py.Dataset) or chi2.shape not in ((), (1,)):
+                problems.append(f"{name}: entry_1/image_1/chi2 is missing or not a scalar (χ² of Eq. 1)")
+    return problems
+
+
 _CHECKS = {"patterns": _check_patterns, "sinogram": _check_sinogram, "volume": _check_volume, "maps": _check_maps,
-           "unrolled": _check_unrolled, "regions": _check_regions, "truth": _check_truth}
+           "unrolled": _check_unrolled, "regions": _check_regions, "truth": _check_truth,
+           "cdi-series": _check_cdi_series}
 
 
 # -- YAML and the model registry -------------------------------------------------------------

@@ -21,6 +21,7 @@ class Param:
     help: str
     option: bool = False
     required: bool = True
+    many: bool = False  #: a list: the remaining positional arguments, or a repeatable option
 
 
 @dataclass(frozen=True)
@@ -39,6 +40,10 @@ class StageDef:
         Its positional arguments and extra options (inputs such as ``--poni``), in order.
     help : str
         One line of help.
+    exclude : frozenset of str
+        Config fields the command leaves out.
+    group : str, optional
+        The command group it belongs to (``cdi`` → ``xrdscale cdi <name>``); None: top level.
     """
 
     name: str
@@ -46,7 +51,8 @@ class StageDef:
     run: str
     params: Sequence[Param]
     help: str
-    exclude: frozenset[str] = field(default_factory=frozenset)  #: config fields the command leaves out
+    exclude: frozenset[str] = field(default_factory=frozenset)
+    group: str | None = None
 
 
 STAGES: tuple[StageDef, ...] = (
@@ -79,6 +85,23 @@ STAGES: tuple[StageDef, ...] = (
         Param("out", "URL of the denoised volume store to write."),
     ), "Noise2Inverse denoising: train a U-Net on X:1 splits of the projections, apply it to every channel.",
         exclude=frozenset({"enabled"})),
+    StageDef("reconstruct", "xrdscale.stages.cdi:CdiConfig", "xrdscale.stages.cdi:reconstruct", (
+        Param("data", "3D Bragg pattern: .npy, HDF5, CXI, or NeXus rocking-curve scans (repeated scans summed)."),
+        Param("out", "CXI file to write (entry_1/image_1/data: the complex object; support; chi2)."),
+        Param("mask", "Detector mask (a frame or a volume; nonzero = not measured).", option=True, required=False),
+        Param("support", "Initial support (3D array of the data's shape; nonzero = inside).", option=True,
+              required=False),
+    ), "Phase retrieval of one Bragg CDI pattern (HIO/RAAR/ER, shrink-wrap, batched random starts) to CXI.",
+        exclude=frozenset({"starts_per_task"}), group="cdi"),
+    StageDef("series", "xrdscale.stages.cdi:CdiConfig", "xrdscale.stages.cdi:series", (
+        Param("data", "One pattern per charge state, in order (the first is the reference).", many=True),
+        Param("out", "cdi-series store to write (zarr; Table 1 also as table1.csv inside it)."),
+        Param("mask", "Detector mask shared by the states.", option=True, required=False),
+        Param("support", "Initial support shared by the states.", option=True, required=False),
+        Param("labels", "Label of each state, in order (repeat the option; default: file names).", option=True,
+              required=False, many=True),
+    ), "A charge-state series: every state phased, aligned to the first, strain, PCA (Eqs. 2-4), Table 1.",
+        group="cdi"),
 )
 
 
