@@ -271,7 +271,8 @@ def _provenance(doc: _Doc, entries: Sequence[DatasetEntry], maps: Mapping[str, x
 def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: str, *, title: str = "xrdscale report",
                  model: Mapping[str, Any] | None = None, rois: Mapping[str, Mapping[str, Any]] | None = None,
                  centre: tuple[float, float] | None = None, pitch: float | None = None,
-                 phases: Mapping[str, object] | None = None, progress: bool = True) -> str:
+                 phases: Mapping[str, object] | None = None, progress: bool = True,
+                 cdi: Sequence[str] = ()) -> str:
     """Write the campaign report ``report.html`` (+ ``figures/*.png``, ``roi_table.csv``) to ``out_dir``.
 
     Parameters
@@ -295,6 +296,9 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
         Phase objects for names that are not built-in (weight fractions).
     progress : bool
         Show a progress bar on stderr.
+    cdi : sequence of str
+        ``cdi-series`` stores (Bragg CDI) to add a section for each
+        (:mod:`xrdscale.analysis.cdi_report`).
 
     Returns
     -------
@@ -304,23 +308,24 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
     Raises
     ------
     InputError
-        No datasets, repeated ids, or a maps store without a ``scale`` map.
+        Neither datasets nor CDI series, repeated ids, or a maps store without a ``scale`` map.
     """
     entries = [_entry(e) for e in datasets]
-    if not entries:
-        raise InputError("the report needs at least one dataset; none was given")
+    if not entries and not cdi:
+        raise InputError("the report needs at least one dataset (a maps store) or a Bragg CDI series; none was given")
     ids = [e.id for e in entries]
     if len(set(ids)) != len(ids):
         raise InputError(f"dataset ids must be unique in a report; got {ids}")
     doc = _Doc(out_dir)
-    summary = pd.DataFrame([{"id": e.id, "cycle": e.cycle, "state": e.state, "voltage (V)": e.voltage,
-                             "maps": storage.redact(e.maps_url)} for e in entries])
-    doc.h(2, "Datasets")
-    doc.table(summary, "Datasets of the campaign")
+    if entries:
+        summary = pd.DataFrame([{"id": e.id, "cycle": e.cycle, "state": e.state, "voltage (V)": e.voltage,
+                                 "maps": storage.redact(e.maps_url)} for e in entries])
+        doc.h(2, "Datasets")
+        doc.table(summary, "Datasets of the campaign")
     maps: dict[str, xr.Dataset] = {}
     tables = []
     with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("report", total=len(entries) + 1)
+        task = bar.add_task("report", total=len(entries) + len(cdi) + 1)
         for e in entries:
             ds = storage.open_store(e.maps_url, stage="maps")
             ds.attrs["source_url"] = storage.redact(e.maps_url)
@@ -335,6 +340,11 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
         for cycle, group in cycles.items():
             if len(group) >= 2:
                 _cycle_section(doc, cycle, sorted(group, key=lambda e: float(e.voltage or 0.0)), maps, rois_all)
+        for url in cdi:
+            from xrdscale.analysis.cdi_report import add_section
+
+            add_section(doc, url)
+            bar.advance(task)
         _provenance(doc, entries, maps, model)
         bar.advance(task)
     if not rois_all.empty:

@@ -56,6 +56,7 @@ class RunResult:
     invocation: str
     failed: dict[str, str] = field(default_factory=dict)
     maps: dict[str, str] = field(default_factory=dict)
+    series: dict[str, str] = field(default_factory=dict)  #: Bragg CDI series id → its store
     report: str | None = None
 
     @property
@@ -73,6 +74,8 @@ def store_url(workspace: str, dataset_id: str, stage: Stage) -> str:
         return storage.join(workspace, "model", stage.name + stage.suffix)
     if stage.scope == "report":
         return storage.join(workspace, "report")
+    if stage.scope == "series":
+        return storage.join(workspace, "cdi", dataset_id + stage.suffix)
     return storage.join(workspace, "datasets", dataset_id, stage.name + stage.suffix)
 
 
@@ -96,7 +99,7 @@ class Plan:
         self.model_tasks: list[Task] = []
         self.model_url: str | None = spec.model
         model_key: str = ""
-        if spec.model is None:
+        if spec.model is None and spec.datasets():  # a CDI-only campaign needs no model
             done: dict[str, Task] = {}
             for s in self.stages.values():
                 if s.scope == "model":
@@ -105,7 +108,7 @@ class Plan:
             if self.model_tasks:
                 self.model_url = self.model_tasks[-1].out
                 model_key = self.model_tasks[-1].input_hash + self.model_tasks[-1].config_hash
-        else:
+        elif spec.model is not None:
             model_key = _hash(self._ident(spec.model))
         self._model_key = model_key
         self.dataset_tasks: dict[str, list[Task]] = {}
@@ -115,6 +118,9 @@ class Plan:
                 if s.scope == "dataset":
                     done[s.name] = self._task(s, ds, done)
             self.dataset_tasks[ds.id] = list(done.values())
+        #: Bragg CDI series id → its task (stages of scope ``series``; no model, no upstream)
+        self.series_tasks: dict[str, Task] = {series.id: self._task(s, series, {}) for series in spec.cdi
+                                              for s in self.stages.values() if s.scope == "series"}
         self.report_stage = next((s for s in self.stages.values() if s.scope == "report"), None)
 
     def _ident(self, url: str) -> dict:
@@ -160,37 +166,48 @@ class Plan:
         return Task(stage, ds, inputs, store_url(self.spec.workspace, did, stage), config,
                     _hash({"stage": stage.name, "config": config}), _hash({"up": upstream, "ext": external}))
 
-    def report_task(self, maps: dict[str, Task]) -> Task | None:
-        """The report over the finished ``analyse`` tasks (dataset id → task)."""
-        if self.report_stage is None or not maps:
+    def report_task(self, maps: dict[str, Task], series: dict[str, Task] | None = None) -> Task | None:
+        """The report over the finished ``analyse`` tasks (dataset id → task) and CDI series (id → task)."""
+        series = series or {}
+        if self.report_stage is None or not (maps or series):
             return None
         s = self.report_stage
         inputs = {f"analyse:{k}": t.out for k, t in sorted(maps.items())}
-        if self.model_url:
+        inputs.update({f"cdi:{k}": t.out for k, t in sorted(series.items())})
+        if self.model_url and maps:
             inputs[MODEL] = self.model_url
-        upstream = {k: t.config_hash + t.input_hash for k, t in sorted(maps.items())}
+        upstream = {k: t.config_hash + t.input_hash for k, t in sorted({**maps, **series}.items())}
         config = s.config(self.spec)
         return Task(s, None, inputs, store_url(self.spec.workspace, CAMPAIGN, s), config,
                     _hash({"stage": s.name, "config": config}), _hash({"up": upstream}))
 
     def all_tasks(self) -> list[Task]:
-        """Model and dataset tasks (the report is planned once the datasets finish)."""
-        return self.model_tasks + [t for ts in self.dataset_tasks.values() for t in ts]
+        """Model, dataset and CDI series tasks (the report is planned once they finish)."""
+        return self.model_tasks + [t for ts in self.dataset_tasks.values() for t in ts] + \
+            list(self.series_tasks.values())
 
 
 def check_inputs(spec: Any) -> None:
     """Raise one :class:`InputError` listing every raw file, PONI, mask, library or model that is missing."""
-    urls = [("geometry.poni", spec.geometry.poni)]
-    if spec.geometry.mask:
-        urls.append(("geometry.mask", spec.geometry.mask))
-    if spec.model:
-        urls.append(("model", spec.model))
-    elif spec.phases:
-        urls.append(("phases", spec.phases))
-    else:
-        raise ConfigError("the spec names neither `model:` nor `phases:`; give a model registry URL or a phase "
-                          "library to train one from")
+    urls = []
+    if spec.datasets():
+        urls.append(("geometry.poni", spec.geometry.poni))
+        if spec.geometry.mask:
+            urls.append(("geometry.mask", spec.geometry.mask))
+        if spec.model:
+            urls.append(("model", spec.model))
+        elif spec.phases:
+            urls.append(("phases", spec.phases))
+        else:
+            raise ConfigError("the spec names neither `model:` nor `phases:`; give a model registry URL or a phase "
+                              "library to train one from")
     urls += [(f"dataset {d.id}: raw", d.raw) for d in spec.datasets()]
+    for series in spec.cdi:
+        urls += [(f"cdi {series.id}: state {st.label}", st.data) for st in series.states]
+        if series.mask:
+            urls.append((f"cdi {series.id}: mask", series.mask))
+    if spec.cdi and spec.pipeline.cdi.init == "cnn" and spec.pipeline.cdi.cnn_model:
+        urls.append(("pipeline.cdi.cnn_model", spec.pipeline.cdi.cnn_model))
     missing = [f"{what}: {storage.redact(url)}" for what, url in urls if not storage.exists(url)]
     if missing:
         lines = "\n  ".join(missing)
@@ -315,6 +332,7 @@ class Runner:
                 model = pool.submit(self._run_chain, plan.model_tasks, None) if plan.model_tasks else None
                 futures = {did: pool.submit(self._run_chain, tasks, model)
                            for did, tasks in plan.dataset_tasks.items()}
+                series_futures = {sid: pool.submit(self.run_task, task) for sid, task in plan.series_tasks.items()}
                 finished: dict[str, Task] = {}
                 for did, fut in futures.items():
                     try:
@@ -324,9 +342,17 @@ class Runner:
                         continue
                     result.maps[did] = maps
                     finished[did] = plan.dataset_tasks[did][-1]
+                series_done: dict[str, Task] = {}
+                for sid, sfut in series_futures.items():
+                    try:
+                        result.series[sid] = sfut.result()
+                    except StageFailed as exc:
+                        result.failed[sid] = str(exc)
+                        continue
+                    series_done[sid] = plan.series_tasks[sid]
                 if model is not None and model.exception() is not None:
                     result.failed[CAMPAIGN] = str(model.exception())
-            report = plan.report_task(finished)
+            report = plan.report_task(finished, series_done)
             if report is not None:
                 try:
                     result.report = self.run_task(report)

@@ -20,7 +20,7 @@ import re
 from typing import Any, Literal
 
 import yaml
-from pydantic import Field, ValidationError, field_validator
+from pydantic import Field, ValidationError, field_validator, model_validator
 
 from xrdscale.config import Model as _Model
 from xrdscale.config import format_errors
@@ -29,6 +29,7 @@ from xrdscale.io import storage
 from xrdscale.runtime.cluster import ClusterSpec, LocalCluster
 from xrdscale.stages.absorption import AbsorptionConfig
 from xrdscale.stages.analyse import AnalyseConfig
+from xrdscale.stages.cdi import CdiConfig
 from xrdscale.stages.denoise import DenoiseConfig
 from xrdscale.stages.integrate import IntegrateConfig
 from xrdscale.stages.reconstruct import ReconstructConfig
@@ -66,6 +67,7 @@ class Pipeline(_Model):
     train: TrainConfig = TrainConfig()
     analyse: AnalyseConfig = AnalyseConfig()
     report: ReportConfig = ReportConfig()
+    cdi: CdiConfig = CdiConfig()
 
 
 class RunnerConfig(_Model):
@@ -73,6 +75,15 @@ class RunnerConfig(_Model):
 
     concurrency: int = Field(2, ge=1, description="datasets processed at once")
     retries: int = Field(2, ge=0, description="extra attempts of a failed stage")
+
+
+def _plain_id(value: str) -> str:
+    if "/" in value or "\\" in value or ".." in value or not _ID_RE.match(value):
+        raise ValueError(
+            f"dataset id {value!r} must be a plain name (letters, digits, '.', '_', '-'; "
+            "no '/', no '..'): it names the dataset's folder in the workspace"
+        )
+    return value
 
 
 class Dataset(_Model):
@@ -86,12 +97,28 @@ class Dataset(_Model):
     @field_validator("id")
     @classmethod
     def _safe_id(cls, value: str) -> str:
-        if "/" in value or "\\" in value or ".." in value or not _ID_RE.match(value):
-            raise ValueError(
-                f"dataset id {value!r} must be a plain name (letters, digits, '.', '_', '-'; "
-                "no '/', no '..'): it names the dataset's folder in the workspace"
-            )
-        return value
+        return _plain_id(value)
+
+
+class CdiState(_Model):
+    """One charge state of a Bragg CDI series: its diffraction pattern (or rocking-curve scans)."""
+
+    label: str = Field(min_length=1)
+    data: str
+    voltage: float | None = None
+
+
+class CdiSeries(_Model):
+    """A Bragg CDI series of one crystal across charge states (the first state is the reference)."""
+
+    id: str
+    states: list[CdiState] = Field(min_length=2)
+    mask: str | None = Field(None, description="detector mask shared by the states")
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        return _plain_id(value)
 
 
 class Cycle(_Model):
@@ -108,14 +135,28 @@ class CampaignSpec(_Model):
     version: Literal[1]
     campaign: str = Field(min_length=1)
     workspace: str
-    geometry: Geometry
+    geometry: Geometry | None = Field(None, description="needed by XRD-CT datasets (cycles)")
     phases: str | None = None
     model: str | None = None
     job_store: str | None = Field(None, description="SQLAlchemy URL; default a SQLite file in the workspace")
     cluster: ClusterSpec = LocalCluster()
     pipeline: Pipeline = Pipeline()
     runner: RunnerConfig = RunnerConfig()
-    cycles: list[Cycle] = Field(min_length=1)
+    cycles: list[Cycle] = Field(default_factory=list)
+    cdi: list[CdiSeries] = Field(default_factory=list, description="Bragg CDI series (charge states of one "
+                                                                   "crystal)")
+
+    @model_validator(mode="after")
+    def _something_to_do(self) -> CampaignSpec:
+        if not self.cycles and not self.cdi:
+            raise ValueError("a campaign needs cycles (XRD-CT datasets) or cdi (Bragg CDI series); it has neither")
+        if self.cycles and self.geometry is None:
+            raise ValueError("geometry (a PONI file) is needed by the XRD-CT datasets of cycles")
+        ids = [d.id for d in self.datasets()] + [c.id for c in self.cdi]
+        repeated = sorted({i for i in ids if ids.count(i) > 1})
+        if repeated:
+            raise ValueError(f"ids must be unique across datasets and cdi series; repeated: {repeated}")
+        return self
 
     def datasets(self) -> list[Dataset]:
         """Every dataset of every cycle, in spec order."""
@@ -185,7 +226,11 @@ def resolve_paths(spec: CampaignSpec, base_dir: str | None) -> CampaignSpec:
         c.model_copy(update={"datasets": [d.model_copy(update={"raw": r(d.raw)}) for d in c.datasets]})
         for c in spec.cycles
     ]
-    geometry = spec.geometry.model_copy(update={"poni": r(spec.geometry.poni), "mask": r(spec.geometry.mask)})
+    geometry = None if spec.geometry is None else spec.geometry.model_copy(
+        update={"poni": r(spec.geometry.poni), "mask": r(spec.geometry.mask)})
+    cdi = [c.model_copy(update={"mask": r(c.mask),
+                                "states": [st.model_copy(update={"data": r(st.data)}) for st in c.states]})
+           for c in spec.cdi]
     absorption = spec.pipeline.absorption.model_copy(update={"mu_map": r(spec.pipeline.absorption.mu_map),
                                                              "maps": r(spec.pipeline.absorption.maps)})
     pipeline = spec.pipeline.model_copy(update={"absorption": absorption})
@@ -194,7 +239,7 @@ def resolve_paths(spec: CampaignSpec, base_dir: str | None) -> CampaignSpec:
         job_store = "sqlite:///" + storage.resolve(job_store.removeprefix("sqlite:///"), base_dir)
     return spec.model_copy(update={
         "workspace": r(spec.workspace), "phases": r(spec.phases), "model": r(spec.model),
-        "geometry": geometry, "cycles": cycles, "job_store": job_store, "pipeline": pipeline,
+        "geometry": geometry, "cycles": cycles, "job_store": job_store, "pipeline": pipeline, "cdi": cdi,
     })
 
 

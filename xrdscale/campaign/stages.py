@@ -74,7 +74,8 @@ class Stage:
         ``enabled(spec) -> bool``; a disabled stage is left out of the graph and its
         downstream reads its upstream instead.
     scope : str
-        ``"dataset"``, ``"model"`` (before the datasets) or ``"report"`` (after them).
+        ``"dataset"``, ``"model"`` (before the datasets), ``"series"`` (once per Bragg CDI
+        series of the spec's ``cdi``) or ``"report"`` (after them).
     suffix : str
         Store suffix (``.zarr``; empty for folders such as a model or a report).
     external : callable
@@ -197,8 +198,26 @@ def _run_analyse(call: StageCall) -> None:
             progress=False)
 
 
+def _run_cdi(call: StageCall) -> None:
+    """One Bragg CDI series: every state phased, aligned, strain, PCA, Table 1."""
+    from xrdscale.stages.cdi import series
+
+    s = call.dataset
+    series([st.data for st in s.states], call.out, config=call.spec.pipeline.cdi, mask=s.mask,
+           labels=[st.label for st in s.states], progress=False)
+
+
+def _cdi_inputs(spec: Any, series: Any) -> dict:
+    out = {f"state:{st.label}": st.data for st in series.states}
+    if series.mask:
+        out["mask"] = series.mask
+    if spec.pipeline.cdi.init == "cnn" and spec.pipeline.cdi.cnn_model:
+        out["cnn_model"] = storage.join(spec.pipeline.cdi.cnn_model, "model.json")
+    return out
+
+
 def _run_report(call: StageCall) -> None:
-    """The campaign report over the finished datasets; the folder is marked complete last."""
+    """The campaign report over the finished datasets and CDI series; the folder is marked complete last."""
     from xrdscale.stages.report import report
 
     by_id = {d.id: (c.cycle, d) for c in call.spec.cycles for d in c.datasets}
@@ -210,14 +229,17 @@ def _run_report(call: StageCall) -> None:
         entries.append({"id": ds.id, "maps_url": url, "cycle": cycle, "state": ds.state, "voltage": ds.voltage,
                         "raw_url": ds.raw})
     model = {"url": storage.redact(call.inputs[MODEL])} if MODEL in call.inputs else None
+    cdi = [url for key, url in call.inputs.items() if key.startswith("cdi:")]
     report(entries, call.out, config=call.spec.pipeline.report, title=f"xrdscale campaign {call.spec.campaign}",
-           model=model, phases=_phases(call.spec), progress=False)
+           model=model, phases=_phases(call.spec) if entries else None, progress=False, cdi=cdi)
 
 
 def _check_poni(spec: Any) -> None:
     """A PONI file pyFAI cannot use (unreadable, no wavelength) is refused before any stage runs."""
     from xrdscale.stages.integrate import load_poni
 
+    if spec.geometry is None:  # a Bragg-CDI-only campaign
+        return
     load_poni(storage.read_bytes(spec.geometry.poni).decode("utf-8", "replace"),
               f"geometry.poni {storage.redact(spec.geometry.poni)}")
 
@@ -259,6 +281,7 @@ def default_stages() -> list[Stage]:
         Stage("denoise", _run_denoise, _hashed("denoise"), needs=("reconstruct",), reads=("absorption",),
               enabled=lambda s: s.pipeline.denoise.enabled),
         Stage("analyse", _run_analyse, _hashed("analyse"), needs=("denoise", MODEL), ray=True),
+        Stage("cdi", _run_cdi, _hashed("cdi"), scope="series", external=_cdi_inputs),
         Stage("report", _run_report, _hashed("report"), scope="report", suffix=""),
     ]
 

@@ -44,6 +44,7 @@ from scipy import ndimage
 from torch import nn
 
 from xrdscale import __version__
+from xrdscale.cdi.fourier import DIMS, backward, forward
 from xrdscale.cdi.simulate import crystal_support
 from xrdscale.exceptions import IncompleteStoreError, InputError, StorageError
 from xrdscale.io import storage
@@ -62,21 +63,10 @@ WEIGHTS = "weights.pt"
 PHOTONS = (1e5, 1e8)
 #: Largest peak |phase| [rad] of the training objects
 MAX_PHASE = math.pi / 2
-_DIMS = (-3, -2, -1)
 _TRAIN_HINT = "train one with `xrdscale cdi train-cnn OUT`"
 
 
-# --- FFT convention and array helpers --------------------------------------------------------
-
-def _forward(x: torch.Tensor) -> torch.Tensor:
-    """Far field of an object over the last three axes (origin at ``n // 2``, ortho norm)."""
-    return torch.fft.fftshift(torch.fft.fftn(torch.fft.ifftshift(x, dim=_DIMS), dim=_DIMS, norm="ortho"), dim=_DIMS)
-
-
-def _backward(f: torch.Tensor) -> torch.Tensor:
-    """Object of a far field: the inverse of :func:`_forward`."""
-    return torch.fft.fftshift(torch.fft.ifftn(torch.fft.ifftshift(f, dim=_DIMS), dim=_DIMS, norm="ortho"), dim=_DIMS)
-
+# --- array helpers --------------------------------------------------------
 
 def resize_centred(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     """Crop or zero-pad the last ``len(shape)`` axes of ``a`` to ``shape``, index ``n // 2`` kept at ``m // 2``.
@@ -96,7 +86,7 @@ def resize_centred(a: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
     Examples
     --------
     >>> resize_centred(np.arange(5), (3,)).tolist(), resize_centred(np.arange(3), (6,)).tolist()
-    ([1, 2, 3], [0, 0, 1, 2, 0, 0])
+    ([1, 2, 3], [0, 0, 0, 1, 2, 0])
     """
     lead = a.ndim - len(shape)
     src: list[slice] = [slice(None)] * lead
@@ -203,7 +193,7 @@ def training_pairs(n: int, size: int = 32, *, rng: np.random.Generator,
         objects[i, 0] = support
         objects[i, 1] = phase
         obj = resize_centred(support * np.exp(1j * phase), (s, s, s))
-        intensity = np.abs(_forward(torch.from_numpy(obj)).numpy()) ** 2
+        intensity = np.abs(forward(torch.from_numpy(obj)).numpy()) ** 2
         if photons is not None:
             total = 10 ** rng.uniform(math.log10(photons[0]), math.log10(photons[1]))
             intensity = rng.poisson(intensity * (total / intensity.sum())).astype(np.float64)
@@ -293,7 +283,7 @@ class CdiNet(nn.Module):
 
 def _twin(objects: torch.Tensor) -> torch.Tensor:
     """The twin of ``(B, 2, H, H, H)`` objects, ``conj(obj(-r))``: same intensity (origin at ``H // 2``)."""
-    flipped = torch.roll(torch.flip(objects, dims=_DIMS), shifts=(1, 1, 1), dims=_DIMS)
+    flipped = torch.roll(torch.flip(objects, dims=DIMS), shifts=(1, 1, 1), dims=DIMS)
     return torch.stack([flipped[:, 0], -flipped[:, 1]], dim=1)
 
 
@@ -562,10 +552,9 @@ def _check_pattern(intensity: Any, mask: Any) -> tuple[np.ndarray, np.ndarray]:
     return np.where(measured, data, 0.0), measured
 
 
-def _modulus_loss(f: torch.Tensor, amplitude: torch.Tensor, measured: torch.Tensor) -> tuple[torch.Tensor,
-                                                                                            torch.Tensor]:
-    """Normalised misfit ``Σ_m (a|F| - A)² / Σ_m A²`` with the best scale ``a``; returns (loss, a)."""
-    mod = torch.sqrt(f.real ** 2 + f.imag ** 2 + 1e-20)
+def _modulus_loss(mod: torch.Tensor, amplitude: torch.Tensor, measured: torch.Tensor) -> tuple[torch.Tensor,
+                                                                                              torch.Tensor]:
+    """Normalised misfit ``Σ_m (a·mod - A)² / Σ_m A²`` with the best scale ``a``; returns (loss, a)."""
     w = measured.to(mod.dtype)
     scale = (w * mod * amplitude).sum() / (w * mod ** 2).sum().clamp_min(1e-30)
     loss = (w * (scale * mod - amplitude) ** 2).sum() / (w * amplitude ** 2).sum()
@@ -596,8 +585,8 @@ def modulus_error(obj: np.ndarray, intensity: np.ndarray, *, mask: np.ndarray | 
     o = np.asarray(obj)
     if o.shape != data.shape:
         raise InputError(f"the object has shape {o.shape} but the intensity {data.shape}")
-    f = _forward(torch.from_numpy(o.astype(np.complex128)))
-    loss, _ = _modulus_loss(f, torch.from_numpy(np.sqrt(data)), torch.from_numpy(measured))
+    f = forward(torch.from_numpy(o.astype(np.complex128)))
+    loss, _ = _modulus_loss(f.abs(), torch.from_numpy(np.sqrt(data)), torch.from_numpy(measured))
     return float(loss)
 
 
@@ -673,8 +662,9 @@ def refine(model: CdiNet, intensity: np.ndarray, *, mask: np.ndarray | None = No
     def predict() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         a, ph = net(x[None, None])
         a, ph = _pad_half(a[0]), _pad_half(ph[0])
-        f = _forward(torch.complex(a * torch.cos(ph), a * torch.sin(ph)))
-        loss, scale = _modulus_loss(f, x, m)
+        f = forward(torch.complex(a * torch.cos(ph), a * torch.sin(ph)))
+        # |F| with a floor under the square root: its gradient stays finite where F = 0
+        loss, scale = _modulus_loss(torch.sqrt(f.real ** 2 + f.imag ** 2 + 1e-20), x, m)
         return loss, scale, f
 
     t0 = time.perf_counter()
@@ -701,7 +691,7 @@ def refine(model: CdiNet, intensity: np.ndarray, *, mask: np.ndarray | None = No
                 "epochs, %.1f s", s, "×".join(map(str, data.shape)), start, best_loss, epochs,
                 time.perf_counter() - t0)
     field = resize_centred((best_f * peak).cpu().numpy().astype(np.complex128), data.shape)
-    return _backward(torch.from_numpy(field)).numpy().astype(np.complex64)
+    return backward(torch.from_numpy(field)).numpy().astype(np.complex64)
 
 
 def cnn_guess(intensity: np.ndarray, model_url: str, *, mask: np.ndarray | None = None, epochs: int = 200,

@@ -1,7 +1,9 @@
 """Series analysis of Bragg CDI reconstructions across charge states (the paper's Eqs. 2–4, Table 1).
 
 The reconstructions of all states are first brought into one frame with one support
-(:mod:`xrdscale.cdi.post`). The phase differences to the first state,
+(:mod:`xrdscale.cdi.post`), and their global phases relative to the first state are set
+by the unchanged bulk (:func:`bulk_offsets`: a global phase is not measured). The phase
+differences to the first state,
 Δφ_i = arg(ρ_i · conj(ρ_0)) on the common support, are stacked as the rows of an
 (S, N) matrix D (S states, N support voxels). The covariance of Eq. 2,
 C = Σ_i Δφ_i ⊗ Δφ_i = Dᵀ D, is N × N and never formed: its eigenvectors are the right
@@ -92,10 +94,44 @@ def common_support(supports: Sequence[np.ndarray], *, fraction: float = 0.5) -> 
     return common
 
 
+def bulk_offsets(objects: Sequence[np.ndarray], support: np.ndarray, *, reference: int = 0,
+                 bins: int = 90) -> np.ndarray:
+    """The global phase of every state relative to the reference, taken from the unchanged bulk.
+
+    A reconstruction's global phase is not measured, so the phase offset between two states
+    must be fixed by a convention. The mean phase difference would be zero by construction;
+    instead the most common difference (the mode of the histogram of arg(ρ_i · conj(ρ_ref))
+    over the common support, ``bins`` bins, circularly smoothed) is taken as the offset:
+    the part of the crystal whose lattice did not change then has Δφ = 0, and a domain
+    that changed keeps its full phase difference (and a non-zero mean).
+
+    Returns
+    -------
+    numpy.ndarray
+        (S,) offsets in radians (0 for the reference).
+    """
+    ref = np.asarray(objects[reference])[support]
+    edges = np.linspace(-np.pi, np.pi, bins + 1)
+    centres = 0.5 * (edges[:-1] + edges[1:])
+    out = np.zeros(len(objects))
+    for i, o in enumerate(objects):
+        if i == reference:
+            continue
+        d = np.angle(np.asarray(o)[support] * np.conj(ref))
+        hist, _ = np.histogram(d, bins=edges)
+        smooth = sum(np.roll(hist, k) * w for k, w in ((-2, 1), (-1, 2), (0, 3), (1, 2), (2, 1)))
+        out[i] = centres[int(np.argmax(smooth))]
+        near = np.abs(np.angle(np.exp(1j * (d - out[i])))) < 2 * np.pi / bins * 2  # refine within the peak
+        if near.any():
+            out[i] = float(np.angle(np.exp(1j * d[near]).mean()))
+    return out
+
+
 def phase_differences(objects: Sequence[np.ndarray], support: np.ndarray, *, reference: int = 0) -> np.ndarray:
     """Δφ_i = arg(ρ_i · conj(ρ_ref)) on the support voxels, as an (S, N) matrix (radians, wrapped).
 
     Taking the argument of the product, not φ_i − φ_0, keeps every difference in (−π, π].
+    The objects' global phases are used as given (see :func:`bulk_offsets`).
     """
     shapes = {np.shape(o) for o in objects}
     if len(shapes) > 1:

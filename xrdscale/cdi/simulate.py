@@ -24,10 +24,12 @@ from __future__ import annotations
 
 import itertools
 import logging
+import posixpath
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
+import h5py
 import numpy as np
 from scipy import ndimage
 from scipy.spatial import ConvexHull, QhullError
@@ -88,17 +90,28 @@ def _facet_normals(facets: str | int, rng: np.random.Generator) -> tuple[np.ndar
     if isinstance(facets, bool) or not isinstance(facets, (int, np.integer)) or not 4 <= facets <= MAX_FACETS:
         raise InputError(f"facets must be one of {', '.join(FACETS)} or an integer from 4 to {MAX_FACETS}, "
                          f"got {facets!r}")
-    for _ in range(10_000):
-        normals = rng.normal(size=(int(facets), 3))
-        normals /= np.linalg.norm(normals, axis=1, keepdims=True)
+    for _ in range(100):
+        normals = _spread(rng.normal(size=(int(facets), 3)))
         try:
             hull = ConvexHull(normals)
-        except QhullError:
+        except QhullError:  # pragma: no cover - spread points are never degenerate
             continue
         # bounded polytope <=> the origin lies strictly inside the hull of the normals
         if np.all(hull.equations[:, -1] < -0.05):
-            return normals, rng.uniform(0.85, 1.15, size=int(facets))
+            return normals, rng.uniform(0.9, 1.1, size=int(facets))
     raise InputError(f"could not draw {facets} facet normals that close a crystal; use more facets")  # pragma: no cover
+
+
+def _spread(points: np.ndarray, iterations: int = 60) -> np.ndarray:
+    """Random directions pushed apart on the unit sphere (Coulomb repulsion): a rounded, bounded crystal."""
+    pts = points / np.linalg.norm(points, axis=1, keepdims=True)
+    step = 0.5 / len(pts)
+    for _ in range(iterations):
+        diff = pts[:, None, :] - pts[None, :, :]
+        dist3 = np.sum(diff**2, axis=-1) ** 1.5 + np.eye(len(pts))
+        pts = pts + step * np.sum(diff / dist3[..., None], axis=1)
+        pts /= np.linalg.norm(pts, axis=1, keepdims=True)
+    return pts
 
 
 def _vertices(normals: np.ndarray, dist: np.ndarray) -> np.ndarray:
@@ -113,9 +126,9 @@ def _vertices(normals: np.ndarray, dist: np.ndarray) -> np.ndarray:
     return pts[feasible]
 
 
-def crystal_support(shape: tuple[int, int, int], *, size: float = 0.35, aspect: tuple[float, float, float] = (1.0, 0.85, 0.8),
-                    facets: str | int = "hexagonal", rotation: np.ndarray | None = None,
-                    rng: np.random.Generator | None = None) -> np.ndarray:
+def crystal_support(shape: tuple[int, int, int], *, size: float = 0.35,
+                    aspect: tuple[float, float, float] = (1.0, 0.85, 0.8), facets: str | int = "hexagonal",
+                    rotation: np.ndarray | None = None, rng: np.random.Generator | None = None) -> np.ndarray:
     """A faceted convex crystal centred in an array of ``shape``.
 
     The crystal is the intersection of half-spaces on the voxel grid (origin at ``n // 2``): a unit
@@ -136,7 +149,8 @@ def crystal_support(shape: tuple[int, int, int], *, size: float = 0.35, aspect: 
     facets : {"hexagonal", "box"} or int
         ``"hexagonal"``: hexagonal prism along axis 0 (6 side facets + 2 basal facets); ``"box"``: a
         cuboid; an integer ``N`` (4 to 64): ``N`` random facet normals drawn with ``rng`` at random
-        distances (0.85–1.15), redrawn until they close a bounded crystal.
+        distances (0.9–1.1); the normals are spread apart on the sphere (a rounded crystal without
+        spikes).
     rotation : numpy.ndarray, optional
         3×3 rotation matrix applied after ``aspect``.
     rng : numpy.random.Generator, optional
@@ -473,7 +487,8 @@ def simulate_series(n_states: int = 6, shape: tuple[int, int, int] = (64, 64, 64
     else:
         coef = np.asarray(coefficients, dtype=float)
         if coef.shape != (n_states,) or not np.all(np.isfinite(coef)):
-            raise InputError(f"coefficients must be {n_states} finite numbers (one per state), got {list(coefficients)}")
+            raise InputError(f"coefficients must be {n_states} finite numbers (one per state), "
+                             f"got {list(coefficients)}")
         if coef[0] != 0:
             raise InputError(f"the first coefficient (the reference state) must be 0, got {coef[0]}")
     seeds = np.random.SeedSequence(seed).spawn(n_states + 1)
@@ -490,3 +505,51 @@ def simulate_series(n_states: int = 6, shape: tuple[int, int, int] = (64, 64, 64
         intensity = bragg_intensity(obj, photons=photons, rng=np.random.default_rng(state_seed))
         states.append(SimulatedCrystal(obj=obj, support=support, phase=phase, intensity=intensity))
     return SimulatedSeries(states=states, pattern=pattern, coefficients=coef)
+
+
+def write_simulation(out: str, *, size: int = 64, states: int = 1, photons: float = 1e7, crystal: float = 0.35,
+                     facets: str | int = "hexagonal", phase: Sequence[str] = ("domains",), amplitude: float = 1.0,
+                     scans: int = 0, seed: int = 0) -> list[str]:
+    """Write simulated patterns and their truth to the folder ``out`` (``xrdscale cdi simulate``).
+
+    Files: ``state_NN.cxi`` (the noisy intensity, ``entry_1/data_1/data``), with ``scans`` > 0
+    also ``state_NN.nxs`` (that many NeXus rocking-curve scans of the same expected intensity,
+    to be summed by the reader), and ``truth.h5``: ``object``, ``support``, ``phase``
+    (state, z, y, x), the series' ``pattern`` and ``coefficients``.
+
+    Returns
+    -------
+    list of str
+        The files written, truth last.
+    """
+    from xrdscale.cdi import io
+    from xrdscale.io import storage
+
+    shape = (size, size, size)
+    kw = {"size": crystal, "facets": facets, "phase_kinds": tuple(phase), "phase_amplitude": amplitude}
+    if states == 1:
+        one = simulate_crystal(shape, photons=photons, seed=seed, **kw)  # type: ignore[arg-type]
+        sim = SimulatedSeries(states=[one], pattern=np.zeros(shape, np.float32), coefficients=np.zeros(1))
+    else:
+        sim = simulate_series(states, shape, photons=photons, seed=seed, **kw)
+    rng = np.random.default_rng(seed + 1)
+    paths = []
+    for i, st in enumerate(sim.states):
+        meta = {"simulated": True, "seed": seed, "photons": photons, "state": i,
+                "coefficient": float(sim.coefficients[i])}
+        paths.append(io.write_pattern(storage.join(out, f"state_{i:02d}.cxi"), st.intensity, attrs=meta))
+        if scans > 0:
+            expected = bragg_intensity(st.obj, photons=None) * (photons / DEFAULT_PHOTONS)
+            paths.append(io.write_rocking_scans(storage.join(out, f"state_{i:02d}.nxs"), expected, n_scans=scans,
+                                                rng=rng))
+    truth = storage.join(out, "truth.h5")
+    fs, path = storage.filesystem(truth)
+    fs.makedirs(posixpath.dirname(path), exist_ok=True)
+    with storage.io_errors(truth, "write"), fs.open(path, "wb") as f, h5py.File(f, "w") as h5:
+        h5.create_dataset("object", data=np.stack([s.obj for s in sim.states]), compression="gzip")
+        h5.create_dataset("support", data=np.stack([s.support for s in sim.states]), compression="gzip")
+        h5.create_dataset("phase", data=np.stack([s.phase for s in sim.states]), compression="gzip")
+        h5.create_dataset("pattern", data=sim.pattern, compression="gzip")
+        h5.create_dataset("coefficients", data=np.asarray(sim.coefficients, dtype=float))
+    paths.append(truth)
+    return paths

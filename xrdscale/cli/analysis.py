@@ -179,17 +179,21 @@ def regions_cmd(maps_urls: list[str] = MAPS_ARG,
     typer.echo(f"{out}: " + ", ".join(f"{k} {v} px" for k, v in counts.items()))
 
 
-def report_cmd(maps_urls: list[str] = MAPS_ARG,
+def report_cmd(maps_urls: list[str] | None = typer.Argument(None, help="maps store URL(s) (path or s3://…); "
+                                                                      "none for a CDI-only report."),
                out: str = typer.Argument(..., help="Output folder for report.html, figures/ and roi_table.csv."),
                voltage: list[float] | None = VOLTAGE_OPT,
                cycle: int | None = typer.Option(None, "--cycle", help="Cycle number of all the given stores."),
                rois: str | None = ROIS_OPT, centre: str | None = CENTRE_OPT,
                pitch: float = typer.Option(0.0, "--pitch", help="Spiral pitch for the unrolled views, mm per turn."),
                title: str = typer.Option("xrdscale report", "--title", help="Report title."),
-               phases: str | None = PHASES_OPT) -> None:
-    """Write a self-contained HTML report (maps, uncertainty, unrolled views, ROI tables, voltage series)."""
+               phases: str | None = PHASES_OPT,
+               cdi: list[str] | None = typer.Option(None, "--cdi", help="A Bragg CDI series store (from `xrdscale "
+                                                                       "cdi series`) to add; repeatable.")) -> None:
+    """Write a self-contained HTML report (maps, uncertainty, unrolled views, ROI tables, voltage series, Bragg CDI)."""
     from xrdscale.analysis.report import DatasetEntry
 
+    maps_urls = list(maps_urls or [])
     if out.endswith(".zarr") or out in maps_urls:
         raise ConfigError(f"the last argument is the report folder; {out!r} looks like a maps store")
     maps = [_open(u) for u in maps_urls]
@@ -202,7 +206,7 @@ def report_cmd(maps_urls: list[str] = MAPS_ARG,
     spec, _ = _rois(rois)
     centre_yx = _centre(centre)
     report(entries, out, title=title, rois=spec, centre=tuple(centre_yx) if centre_yx is not None else None,
-           pitch=pitch or None, phases=_phases(phases))
+           pitch=pitch or None, phases=_phases(phases), cdi=list(cdi or []))
     typer.echo(storage.join(out, "report.html"))
 
 

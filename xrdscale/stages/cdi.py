@@ -18,7 +18,7 @@ import xarray as xr
 from pydantic import Field, model_validator
 
 from xrdscale.config import one_of
-from xrdscale.exceptions import ConfigError, InputError
+from xrdscale.exceptions import InputError
 from xrdscale.io import storage
 from xrdscale.stages.base import StageConfig, compute, guarded, runtime_field
 
@@ -29,6 +29,7 @@ INITS = ("random", "cnn")
 
 Algorithm = Annotated[str, one_of(ALGORITHMS, "phase-retrieval algorithm")]
 Init = Annotated[str, one_of(INITS, "initial guess")]
+SeriesStart = Annotated[str, one_of(("reference", "independent"), "series start")]
 
 
 class CdiConfig(StageConfig):
@@ -60,15 +61,18 @@ class CdiConfig(StageConfig):
     cnn_model: str | None = Field(None, description="CDI CNN registry entry (from `xrdscale cdi train-cnn`) "
                                                     "for init: cnn")
     cnn_epochs: int = Field(200, ge=0, description="per-pattern refinement epochs of the CNN (Fourier-modulus loss)")
-    support_size: float = Field(0.5, gt=0, le=1, description="initial support: this fraction of the array's "
+    support_size: float = Field(0.6, gt=0, le=1, description="initial support: this fraction of the array's "
                                                             "autocorrelation extent")
-    support_threshold: float = Field(0.1, gt=0, lt=1, description="shrink-wrap threshold, a fraction of the "
+    support_threshold: float = Field(0.2, gt=0, lt=1, description="shrink-wrap threshold, a fraction of the "
                                                                   "smoothed amplitude's maximum")
     sigma_start: float = Field(2.0, gt=0, description="shrink-wrap Gaussian sigma at the start (voxels)")
-    sigma_end: float = Field(1.0, gt=0, description="shrink-wrap Gaussian sigma at the end (voxels)")
+    sigma_end: float = Field(0.5, gt=0, description="shrink-wrap Gaussian sigma at the end (voxels)")
     shrinkwrap_every: int = Field(20, ge=1, description="update the support every this many iterations")
     positivity: bool = Field(False, description="project the amplitude's real part onto ≥ 0 inside the support")
     seed: int = Field(0, description="seed of the random starts")
+    series_start: SeriesStart = Field("reference", description="series: start every other state from the first "
+                                                               "state's object and support (reference), or from "
+                                                               "random starts (independent)")
 
     # --- geometry (voxel size, displacement, strain) --------------------------------------
     energy_kev: float = Field(13.5, gt=0, description="X-ray energy in keV")
@@ -93,6 +97,9 @@ class CdiConfig(StageConfig):
             problems.append(f"sigma_end ({self.sigma_end}) exceeds sigma_start ({self.sigma_start})")
         if self.roi is not None and not (0 <= self.roi[0] < self.roi[1] and 0 <= self.roi[2] < self.roi[3]):
             problems.append(f"roi {self.roi} is not (row0 < row1, col0 < col1) with non-negative bounds")
+        if self.init == "cnn" and not self.cnn_model:
+            problems.append("init: cnn needs cnn_model, a CDI CNN registry entry; train one with "
+                            "`xrdscale cdi train-cnn OUT` and pass --cnn-model OUT")
         if any(b < 1 for b in self.binning):
             problems.append(f"binning {self.binning} has a factor below 1")
         if problems:
@@ -153,11 +160,8 @@ def _retrieve_task(intensity: np.ndarray, mask: np.ndarray | None, init: np.ndar
 
 
 def _initial_object(pattern: Any, cfg: CdiConfig) -> np.ndarray | None:
-    if cfg.init != "cnn":
+    if cfg.init != "cnn" or cfg.cnn_model is None:
         return None
-    if not cfg.cnn_model:
-        raise ConfigError("init: cnn needs cnn_model, a CDI CNN registry entry; train one with "
-                          "`xrdscale cdi train-cnn OUT` and pass --cnn-model OUT")
     from xrdscale.cdi import cnn
 
     return cnn.cnn_guess(pattern.intensity, cfg.cnn_model, mask=pattern.mask, epochs=cfg.cnn_epochs,
@@ -165,8 +169,12 @@ def _initial_object(pattern: Any, cfg: CdiConfig) -> np.ndarray | None:
 
 
 def _retrieve_all(patterns: Sequence[Any], cfg: CdiConfig, *, support: np.ndarray | None, client: Any,
-                  progress: bool, label: str) -> list[Any]:
-    """Phase every pattern: states × start batches as Dask tasks, then the best start(s) of each."""
+                  progress: bool, label: str, init: np.ndarray | None = None) -> list[Any]:
+    """Phase every pattern: states × start batches as Dask tasks, then the best start(s) of each.
+
+    ``init`` (an object) starts every pattern; default: the CNN's guess (``init: cnn``) or
+    random starts.
+    """
     import dask
 
     from xrdscale.cdi import phasing
@@ -174,7 +182,7 @@ def _retrieve_all(patterns: Sequence[Any], cfg: CdiConfig, *, support: np.ndarra
     batches = _start_batches(cfg)
     tasks = []
     for pattern in patterns:
-        init = _initial_object(pattern, cfg)
+        init = init if init is not None else _initial_object(pattern, cfg)
         arrays = [dask.delayed(a) for a in (pattern.intensity, pattern.mask, init, support)]
         tasks.append([dask.delayed(_retrieve_task, pure=False)(*arrays, cfg, b) for b in batches])
     done = compute(tasks, client=client, progress=progress, label=label, total=len(patterns) * cfg.starts,
@@ -283,8 +291,16 @@ def series(data: Sequence[str], out: str, *, config: CdiConfig | None = None, ma
     support_arr = _read_array(support, "support")
 
     def body() -> str:
-        results = _retrieve_all(patterns, cfg, support=support_arr, client=client, progress=progress,
-                                label="cdi series")
+        if cfg.series_start == "reference":
+            # the same crystal in every state: the reference's object and support start the others
+            first = _retrieve_all(patterns[:1], cfg, support=support_arr, client=client, progress=progress,
+                                  label="cdi series (reference state)")
+            rest = _retrieve_all(patterns[1:], cfg, support=first[0].support, init=first[0].obj, client=client,
+                                 progress=progress, label="cdi series (other states)")
+            results = first + rest
+        else:
+            results = _retrieve_all(patterns, cfg, support=support_arr, client=client, progress=progress,
+                                    label="cdi series")
         ref_obj, ref_sup = post.align(results[0].obj, support=results[0].support)
         objs, sups = [ref_obj], [ref_sup]
         for r in results[1:]:
@@ -294,8 +310,9 @@ def series(data: Sequence[str], out: str, *, config: CdiConfig | None = None, ma
         common = analysis.common_support(sups)
         geo = geometry(cfg, ref_obj.shape)
         voxel_m = tuple(v * 1e-9 for v in geo["voxel_size_nm"])
-        # one phase offset for the series: every state's mean phase on the common support to 0
-        objs = [o * np.exp(-1j * np.angle(o[common].sum())) for o in objs]
+        # the global phase between states is not measured: the unchanged bulk sets it (Δφ = 0 there)
+        offsets = analysis.bulk_offsets(objs, common)
+        objs = [o * np.exp(-1j * off).astype(np.complex64) for o, off in zip(objs, offsets, strict=True)]
         dphi = analysis.phase_differences(objs, common)
         result = analysis.pca(dphi)
         strain = np.stack([post.strain(o, common, voxel_size_m=voxel_m, q_norm=geo["q_norm"]) for o in objs])

@@ -33,7 +33,7 @@ class ReportConfig(StageConfig):
 
 def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None = None, title: str = "xrdscale report",
            model: Mapping[str, Any] | None = None, phases: Mapping[str, Any] | None = None,
-           progress: bool = True, **settings: Any) -> str:
+           progress: bool = True, cdi: Sequence[str] = (), **settings: Any) -> str:
     """Write the report folder ``out_url`` (``report.html``, figures, ROI table), marker last.
 
     Parameters
@@ -52,6 +52,8 @@ def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None 
         Phase objects for weight fractions of phases that are not built in.
     progress : bool
         Show progress.
+    cdi : sequence of str
+        Bragg CDI ``cdi-series`` stores, one report section each.
 
     Returns
     -------
@@ -64,7 +66,7 @@ def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None 
 
     def body() -> str:
         write_report(entries, out_url, title=title, model=model, rois=cfg.rois, centre=cfg.centre,
-                     pitch=cfg.pitch or None, phases=phases, progress=progress)
+                     pitch=cfg.pitch or None, phases=phases, progress=progress, cdi=cdi)
         storage.mark_complete(out_url, {"stage": "report", "config": cfg.record()})
         return out_url
 
