@@ -255,3 +255,15 @@ def test_series_follows_the_simulated_domain_growth(tmp_path):
     omega, mean = ds["omega"].values, ds["dphi_mean_deg"].values
     assert omega[2] > omega[1] > 0
     assert abs(mean[2]) > abs(mean[1]) > 0 and np.sign(mean[1]) == np.sign(mean[2])
+
+
+def test_the_example_cdi_campaign_spec_is_valid():
+    import yaml
+
+    from xrdscale.campaign.spec import validate_spec
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with open(os.path.join(root, "jobs", "cdi-example.yaml")) as f:
+        spec = validate_spec(yaml.safe_load(f))
+    assert [s.label for s in spec.cdi[0].states][0] == "2.5V-charge" and len(spec.cdi[0].states) == 6
+    assert not spec.cycles and spec.geometry is None

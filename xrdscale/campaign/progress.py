@@ -76,6 +76,8 @@ class CampaignProgress:
             total += self._add(CAMPAIGN, "campaign report", 1)
         for did, tasks in plan.dataset_tasks.items():
             total += self._add(did, did, len(tasks))
+        for sid in plan.series_tasks:
+            total += self._add(sid, f"{sid} (Bragg CDI)", 1)
         self._tasks[_ALL] = self.progress.add_task("all", total=total, name="campaign", stage="")
         self._totals[_ALL], self._done[_ALL] = total, 0
 
