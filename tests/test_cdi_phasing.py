@@ -24,7 +24,7 @@ def scaled(c) -> np.ndarray:
 
 
 def grid(n: int) -> list[np.ndarray]:
-    return np.meshgrid(*[np.arange(n) - n // 2] * 3, indexing="ij")
+    return list(np.meshgrid(*[np.arange(n) - n // 2] * 3, indexing="ij"))
 
 
 def box(n: int = 32, half: tuple[int, int, int] = (4, 5, 6)) -> np.ndarray:
@@ -154,6 +154,9 @@ def test_support_projection_and_updates():
     # RAAR's general form (with reflections) and the simplified one agree; positivity: HIO feedback on Re < 0
     general = beta * (phasing.project_support(2 * y - x, s) + x) + (1 - 2 * beta) * y
     torch.testing.assert_close(phasing.update(x, y, s, "raar", beta), general)
+    for algorithm in ("er", "hio", "raar"):  # the two-pass form the iterations use
+        a, b = phasing.linear_weights(s, algorithm, beta)
+        torch.testing.assert_close(a * y + b * x, phasing.update(x, y, s, algorithm, beta))
     hio_pos = phasing.update(x, y, s, "hio", beta, positivity=True)
     assert hio_pos[1] == torch.complex(torch.tensor(-2 + 0.5), torch.tensor(1.0))
     assert hio_pos[0] == y[0]
@@ -228,6 +231,14 @@ def test_result_fields_select_and_average():
     assert res.device == "cpu" and res.seconds > 0
     # centred: the amplitude's centre of mass within half a voxel of the array centre
     assert np.all(np.abs(post.centre_of_mass(res.obj, res.support) - 16) <= 0.5 + 1e-9)
+    # the same start under its ambiguities (twin, shift, global phase) averages to itself: no spread
+    best = results[res.best_start]
+    variants = [best.obj, fourier.twin(best.obj), np.roll(best.obj, (1, 0, -2), (0, 1, 2)), best.obj * np.exp(2.5j)]
+    copies = [phasing.StartResult(obj=v, support=best.support, chi2=best.chi2 + 1e-6 * k, index=k, history=best.history,
+                                  intensity=best.intensity) for k, v in enumerate(variants)]
+    same = phasing.select(copies, starts=4, average=4)
+    assert same.spread is not None and same.spread < 0.02
+    assert same.chi2 == pytest.approx(best.chi2, rel=0.02)
     single = phasing.select(results, config=cfg, average=1)
     assert single.spread is None and single.chi2 == chis.min()
     np.testing.assert_array_equal(np.abs(single.obj), np.abs(np.roll(results[single.best_start].obj,

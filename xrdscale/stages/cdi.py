@@ -351,7 +351,7 @@ def _series_dataset(names: list[str], objs: list[np.ndarray], sups: list[np.ndar
             "phase": (dims, phase, {"long_name": "phase φ in each state's support", "units": "rad"}),
             "displacement": (dims, (phase / geo["q_norm"] * 1e10).astype(np.float32),
                              {"long_name": "displacement along Q, u = φ/|Q|", "units": "Å"}),
-            "strain": (dims, strain.astype(np.float32), {"long_name": "strain along Q", "units": "1"}),
+            "strain": (dims, strain.astype(np.float32), {"long_name": "strain along Q (common support)", "units": "1"}),
             "state_support": (dims, np.stack(sups), {"long_name": "support of each state"}),
             "support": (("z", "y", "x"), common, {"long_name": "common support of the series"}),
             "dphi": (dims, _on_grid(dphi, common), {"long_name": "Δφ_i = arg(ρ_i conj ρ_0)", "units": "rad"}),
