@@ -52,7 +52,8 @@ def cli(monkeypatch, capsys):
         return _Result(code, " ".join((out.out + out.err).split()))
 
     yield run
-    root.handlers[:], _ = saved[0], root.setLevel(saved[1])
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
 
 
 @pytest.fixture(scope="module")
@@ -305,3 +306,15 @@ def test_reconstruct_from_the_cnn_guess(cli, tmp_path):
 
     result = read_cxi(str(out))
     assert result["chi2"] < 0.1 and json.loads(result["attrs"]["config"])["init"] == "cnn"
+
+
+@pytest.mark.gpu(library="torch")
+def test_phase_retrieval_on_cuda_matches_the_cpu_targets():
+    """The same default retrieval on CUDA: the device is used, and the object is as good as on the CPU."""
+    from xrdscale.cdi import phasing, post
+
+    sim = simulate_crystal((64, 64, 64), size=0.35, photons=1e6, seed=0)
+    gpu = phasing.phase_retrieval(sim.intensity, device="cuda")
+    assert gpu.device.startswith("cuda")
+    obj, support = post.align(gpu.obj, support=gpu.support)
+    assert post.phase_rms_error(obj, sim.obj, sim.support) <= 0.2 and post.dice(support, sim.support) >= 0.9

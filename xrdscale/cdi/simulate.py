@@ -526,12 +526,13 @@ def write_simulation(out: str, *, size: int = 64, states: int = 1, photons: floa
     from xrdscale.io import storage
 
     shape = (size, size, size)
-    kw = {"size": crystal, "facets": facets, "phase_kinds": tuple(phase), "phase_amplitude": amplitude}
     if states == 1:
-        one = simulate_crystal(shape, photons=photons, seed=seed, **kw)  # type: ignore[arg-type]
+        one = simulate_crystal(shape, photons=photons, seed=seed, size=crystal, facets=facets,
+                               phase_kinds=tuple(phase), phase_amplitude=amplitude)
         sim = SimulatedSeries(states=[one], pattern=np.zeros(shape, np.float32), coefficients=np.zeros(1))
     else:
-        sim = simulate_series(states, shape, photons=photons, seed=seed, **kw)
+        sim = simulate_series(states, shape, photons=photons, seed=seed, size=crystal, facets=facets,
+                              phase_kinds=tuple(phase), phase_amplitude=amplitude)
     rng = np.random.default_rng(seed + 1)
     paths = []
     for i, st in enumerate(sim.states):
