@@ -205,7 +205,8 @@ def test_campaign_progress_without_a_terminal_logs_each_finished_stage(caplog):
 
     from xrdscale.campaign.progress import CampaignProgress
 
-    plan = SimpleNamespace(model_tasks=[], report_stage=None, dataset_tasks={"c1": [1, 2], "c2": [1, 2]})
+    plan = SimpleNamespace(model_tasks=[], report_stage=None, dataset_tasks={"c1": [1, 2], "c2": [1, 2]},
+                           series_tasks={})
     with caplog.at_level(logging.INFO, logger="xrdscale.campaign.progress"):
         with CampaignProgress(Console(file=io.StringIO(), force_terminal=False)) as bars:
             bars.connected(None, plan)
