@@ -92,7 +92,7 @@ STAGES: tuple[StageDef, ...] = (
         Param("support", "Initial support (3D array of the data's shape; nonzero = inside).", option=True,
               required=False),
     ), "Phase retrieval of one Bragg CDI pattern (HIO/RAAR/ER, shrink-wrap, batched random starts) to CXI.",
-        exclude=frozenset({"starts_per_task"}), group="cdi"),
+        exclude=frozenset({"starts_per_task", "series_start"}), group="cdi"),
     StageDef("series", "xrdscale.stages.cdi:CdiConfig", "xrdscale.stages.cdi:series", (
         Param("data", "One pattern per charge state, in order (the first is the reference).", many=True),
         Param("out", "cdi-series store to write (zarr; Table 1 also as table1.csv inside it)."),
