@@ -135,13 +135,13 @@ def load_pattern(data: str, cfg: CdiConfig, *, mask: str | np.ndarray | None = N
     return io.Pattern(intensity=np.ascontiguousarray(grid, dtype=np.float32), mask=None, meta=meta)
 
 
-def _read_array(source: str | np.ndarray | None, what: str) -> np.ndarray | None:
-    """An array given as one, or as a ``.npy``/HDF5/CXI file (its single 3D dataset)."""
+def _read_support(source: str | np.ndarray | None) -> np.ndarray | None:
+    """A support given as an array, or as a ``.npy``/HDF5/CXI file (its single 3D dataset; nonzero = inside)."""
     if source is None or isinstance(source, np.ndarray):
         return source
     from xrdscale.cdi import io
 
-    return io.read_pattern(source).intensity if what != "support" else io.read_pattern(source).intensity > 0
+    return io.read_pattern(source).intensity > 0
 
 
 def _start_batches(cfg: CdiConfig) -> list[list[int]]:
@@ -182,8 +182,8 @@ def _retrieve_all(patterns: Sequence[Any], cfg: CdiConfig, *, support: np.ndarra
     batches = _start_batches(cfg)
     tasks = []
     for pattern in patterns:
-        init = init if init is not None else _initial_object(pattern, cfg)
-        arrays = [dask.delayed(a) for a in (pattern.intensity, pattern.mask, init, support)]
+        start = init if init is not None else _initial_object(pattern, cfg)  # each pattern its own CNN guess
+        arrays = [dask.delayed(a) for a in (pattern.intensity, pattern.mask, start, support)]
         tasks.append([dask.delayed(_retrieve_task, pure=False)(*arrays, cfg, b) for b in batches])
     done = compute(tasks, client=client, progress=progress, label=label, total=len(patterns) * cfg.starts,
                    unit="starts")
@@ -226,7 +226,7 @@ def reconstruct(data: str, out: str, *, config: CdiConfig | None = None, mask: s
 
     cfg = CdiConfig.build(config, **settings)
     pattern = load_pattern(data, cfg, mask=mask)
-    support_arr = _read_array(support, "support")
+    support_arr = _read_support(support)
     result = _retrieve_all([pattern], cfg, support=support_arr, client=client, progress=progress,
                            label="cdi reconstruct")[0]
     obj, sup = post.align(result.obj, support=result.support)
@@ -288,7 +288,7 @@ def series(data: Sequence[str], out: str, *, config: CdiConfig | None = None, ma
         listed = ", ".join(f"{n}: {s}" for n, s in shapes.items())
         raise InputError(f"the states of a series must have one shape after ROI/binning/crop; got {listed}. "
                          "Give the same --roi/--crop for all, or crop them to one size (--crop N)")
-    support_arr = _read_array(support, "support")
+    support_arr = _read_support(support)
 
     def body() -> str:
         if cfg.series_start == "reference":
