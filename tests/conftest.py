@@ -27,6 +27,36 @@ def rng() -> np.random.Generator:
     return np.random.default_rng(12345)
 
 
+@pytest.fixture
+def xrdscale_cli(monkeypatch, capsys):
+    """``run(*args) -> (exit status, stdout, stderr)`` of ``xrdscale ARGS…`` through its entry point.
+
+    Errors are printed and the exit status is what a user sees. The command points the root
+    logger at the captured stderr; it is restored after the test, so later tests do not log
+    into a closed stream.
+    """
+    import logging
+
+    from xrdscale import cli
+
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+
+    def run(*args: str) -> tuple[int, str, str]:
+        monkeypatch.setattr(sys, "argv", ["xrdscale", *args])
+        code = 0
+        try:
+            cli.main()
+        except SystemExit as exc:
+            code = exc.code if isinstance(exc.code, int) else 1
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    yield run
+    root.handlers[:] = saved[0]
+    root.setLevel(saved[1])
+
+
 @pytest.fixture(scope="module")
 def dask_client():
     """A Dask client of an in-process ``LocalCluster`` (one worker, two threads, ``dashboard_address=None``).

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import sys
 
 import pytest
 import yaml
@@ -14,69 +13,56 @@ from xrdscale.campaign.runner import Plan, Runner, open_job_store
 from xrdscale.campaign.spec import load_spec
 
 
-def _cli(monkeypatch, capsys, *args):
-    from xrdscale import cli
-
-    monkeypatch.setattr(sys, "argv", ["xrdscale", *args])
-    code = 0
-    try:
-        cli.main()
-    except SystemExit as exc:
-        code = exc.code if isinstance(exc.code, int) else 1
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.mark.parametrize("cmd", [[], ["run"], ["status"], ["report"]])
-def test_help(monkeypatch, capsys, cmd):
-    code, out, _ = _cli(monkeypatch, capsys, "campaign", *cmd, "--help")
+def test_help(xrdscale_cli, cmd):
+    code, out, _ = xrdscale_cli("campaign", *cmd, "--help")
     assert code == 0 and "Usage" in out
 
 
-def test_spec_typo_exits_nonzero_with_yaml_path(tmp_path, monkeypatch, capsys):
+def test_spec_typo_exits_nonzero_with_yaml_path(tmp_path, xrdscale_cli):
     path = doubles.make_campaign(tmp_path, 1, extra={"pipeline": {"integrat": {"npt": 10}}})
-    code, _, err = _cli(monkeypatch, capsys, "campaign", "run", path)
+    code, _, err = xrdscale_cli("campaign", "run", path)
     assert code == 1 and "pipeline.integrat: unknown key" in " ".join(err.split())
     assert not os.path.exists(tmp_path / "work")
 
 
-def test_unreachable_cluster_exits_nonzero_and_starts_nothing(tmp_path, monkeypatch, capsys):
+def test_unreachable_cluster_exits_nonzero_and_starts_nothing(tmp_path, xrdscale_cli):
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     path = doubles.make_campaign(tmp_path, 1)
-    code, _, err = _cli(monkeypatch, capsys, "campaign", "run", path, "--cluster", f"tcp://127.0.0.1:{port}")
+    code, _, err = xrdscale_cli("campaign", "run", path, "--cluster", f"tcp://127.0.0.1:{port}")
     err = " ".join(err.split())
     assert code == 1 and f"cannot reach the Dask scheduler at tcp://127.0.0.1:{port}" in err
     assert not os.path.exists(tmp_path / "work")
 
 
-def test_missing_raw_file_exits_nonzero(tmp_path, monkeypatch, capsys):
+def test_missing_raw_file_exits_nonzero(tmp_path, xrdscale_cli):
     path = doubles.make_campaign(tmp_path, 2)
     os.remove(tmp_path / "raw" / "d1.npy")
-    code, _, err = _cli(monkeypatch, capsys, "campaign", "run", path)
+    code, _, err = xrdscale_cli("campaign", "run", path)
     assert code == 1 and "dataset d1: raw" in err and "nothing was run" in " ".join(err.split())
 
 
-def test_status_after_a_run(tmp_path, monkeypatch, capsys):
+def test_status_after_a_run(tmp_path, xrdscale_cli):
     path = doubles.make_campaign(tmp_path, 1)
-    code, out, _ = _cli(monkeypatch, capsys, "campaign", "status", path)
+    code, out, _ = xrdscale_cli("campaign", "status", path)
     assert code == 0 and "has not been run yet" in out
     spec = load_spec(path)
     store = open_job_store(spec)
     Runner(Plan(spec, doubles.stages()), store).run()
     store.close()
-    code, out, _ = _cli(monkeypatch, capsys, "campaign", "status", path)
+    code, out, _ = xrdscale_cli("campaign", "status", path)
     assert code == 0
     for stage in ("library", "train", "integrate", "sinogram", "reconstruct", "analyse", "report"):
         assert stage in out
     assert "done" in out and "1 run(s)" in out
 
 
-def test_workspace_override_on_the_command_line(tmp_path, monkeypatch, capsys):
+def test_workspace_override_on_the_command_line(tmp_path, xrdscale_cli):
     path = doubles.make_campaign(tmp_path, 1)
     other = tmp_path / "elsewhere"
-    code, out, _ = _cli(monkeypatch, capsys, "campaign", "status", path, "--workspace", str(other))
+    code, out, _ = xrdscale_cli("campaign", "status", path, "--workspace", str(other))
     assert code == 0 and "has not been run yet" in out and str(other) in out
     with open(path) as f:
         assert yaml.safe_load(f)["workspace"] == "work"

@@ -4,7 +4,6 @@ Table 1), the series store's contract, the report section, a CDI campaign, and b
 from __future__ import annotations
 
 import os
-import sys
 
 import h5py
 import numpy as np
@@ -28,32 +27,13 @@ class _Result:
 
 
 @pytest.fixture
-def cli(monkeypatch, capsys):
-    """Run ``xrdscale ARGS…`` through its entry point (errors printed, exit status as a user sees it).
-
-    The command points the root logger at the captured stderr; the logger is restored after the
-    test, so later tests do not log into a closed stream.
-    """
-    import logging
-
-    from xrdscale import cli as entry
-
-    root = logging.getLogger()
-    saved = (root.handlers[:], root.level)
-
+def cli(xrdscale_cli):
+    """``xrdscale ARGS…`` with stdout and stderr as one line of output."""
     def run(*args: str) -> _Result:
-        monkeypatch.setattr(sys, "argv", ["xrdscale", *args])
-        code = 0
-        try:
-            entry.main()
-        except SystemExit as exc:
-            code = exc.code if isinstance(exc.code, int) else 1
-        out = capsys.readouterr()
-        return _Result(code, " ".join((out.out + out.err).split()))
+        code, out, err = xrdscale_cli(*args)
+        return _Result(code, " ".join((out + err).split()))
 
-    yield run
-    root.handlers[:] = saved[0]
-    root.setLevel(saved[1])
+    return run
 
 
 @pytest.fixture(scope="module")
