@@ -39,9 +39,6 @@ import contextlib
 import datetime as _dt
 import json
 import logging
-import os
-import tempfile
-import uuid
 from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -527,27 +524,6 @@ def read_pattern(url: str | Sequence[str], *, roi: Sequence[int] | None = None,
 # writers
 
 
-@contextlib.contextmanager
-def _staged(url: str) -> Iterator[str]:
-    """A local temporary path that becomes ``url`` only when the block succeeds."""
-    fs, path = storage.filesystem(url)
-    if storage.is_remote(url):
-        with tempfile.TemporaryDirectory(prefix="xrdscale-") as tmp:
-            local = os.path.join(tmp, os.path.basename(path) or "out.h5")
-            yield local
-            storage.put_file(local, url)
-        return
-    parent = os.path.dirname(os.path.abspath(path))
-    os.makedirs(parent, exist_ok=True)
-    local = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
-    try:
-        yield local
-        storage.put_file(local, url)
-    finally:
-        if os.path.exists(local):
-            os.remove(local)
-
-
 def _json_attr(value: Any) -> str:
     return json.dumps(value, default=lambda v: v.tolist() if isinstance(v, np.ndarray) else str(v))
 
@@ -605,7 +581,7 @@ def write_cxi(url: str, obj: np.ndarray, *, support: np.ndarray, chi2: float, in
         if name in RESERVED or "/" in name or not name:
             raise InputError(f"extra array name {name!r} is reserved or invalid; use a plain name other than "
                              f"{', '.join(RESERVED)}")
-    with _staged(url) as local:
+    with storage.staged(url) as local:
         with h5py.File(local, "w") as h5:
             h5.attrs["creator"] = f"xrdscale {__version__}"
             h5.create_dataset("cxi_version", data=CXI_VERSION)
@@ -742,7 +718,7 @@ def write_rocking_scans(url: str, intensity: np.ndarray, *, n_scans: int = 22, a
         raise InputError(f"{ang.size} rocking angles for {n} frames; give one angle per frame")
     filters = _compression(compression)
     gen = np.random.default_rng() if rng is None else rng
-    with _staged(url) as local:
+    with storage.staged(url) as local:
         with h5py.File(local, "w") as h5:
             h5.attrs["NX_class"] = "NXroot"
             h5.attrs["default"] = "entry_1"
@@ -786,7 +762,7 @@ def write_pattern(url: str, intensity: np.ndarray, *, mask: np.ndarray | None = 
     data = np.asarray(intensity, dtype=np.float32)
     if data.ndim != 3:
         raise InputError(f"a CDI pattern is 3D (rocking, rows, cols); got shape {data.shape}")
-    with _staged(url) as local, h5py.File(local, "w") as h5:
+    with storage.staged(url) as local, h5py.File(local, "w") as h5:
         h5.create_dataset("cxi_version", data=CXI_VERSION)
         entry = h5.create_group("entry_1")
         for key, value in dict(attrs or {}).items():

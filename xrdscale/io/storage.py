@@ -21,6 +21,8 @@ import json
 import logging
 import os
 import posixpath
+import tempfile
+import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
@@ -485,6 +487,31 @@ def put_file(local_path: str, url: str) -> None:
             os.replace(local_path, path)
         else:
             fs.put_file(local_path, path)
+
+
+@contextlib.contextmanager
+def staged(url: str) -> Iterator[str]:
+    """A local temporary path that becomes the file ``url`` only when the block succeeds.
+
+    For a local ``url`` the temporary file sits beside it and is renamed over it; for a
+    remote one it is uploaded at the end. On failure nothing is left at ``url``.
+    """
+    fs, path = filesystem(url)
+    if is_remote(url):
+        with tempfile.TemporaryDirectory(prefix="xrdscale-") as tmp:
+            local = os.path.join(tmp, os.path.basename(path) or "out")
+            yield local
+            put_file(local, url)
+        return
+    parent = os.path.dirname(os.path.abspath(path))
+    os.makedirs(parent, exist_ok=True)
+    local = os.path.join(parent, f".{os.path.basename(path)}.tmp-{uuid.uuid4().hex[:8]}")
+    try:
+        yield local
+        put_file(local, url)
+    finally:
+        if os.path.exists(local):
+            os.remove(local)
 
 
 def _now() -> str:
