@@ -23,6 +23,11 @@ Store kinds and what they hold:
   (angle, translation, q)
 - ``cdi-series``: ``phase``, ``displacement``, ``strain``, ``amplitude`` (state, z, y, x),
   ``support`` (z, y, x), ``omega`` and ``chi2`` (state), coords ``z``, ``y``, ``x`` in nm
+- ``xcs`` (Compton imaging): ``emr``, ``emr_std`` (state, y, x), once calibrated ``x_li``
+  and ``x_li_std`` (state, y, x); ``profile`` (state, region, pz) with ``pz`` in a.u.
+- ``ct-volume``: ``attenuation`` (z, y, x), coords ``z``, ``y``, ``x`` in µm
+- ``ct-roughness``: ``height`` (interface, y, x) in µm, ``ra`` and ``rq`` (interface) in µm,
+  ``fraction`` (component)
 
 Files: ``cxi`` (a Bragg CDI result): ``entry_1/image_1/data`` the complex 3D object, with
 ``entry_1/image_1/support`` of its shape and the scalar ``entry_1/image_1/chi2``.
@@ -49,7 +54,8 @@ from xrdscale.io import storage
 logger = logging.getLogger(__name__)
 
 #: Kinds of zarr stores with a contract.
-STORE_KINDS = ("patterns", "sinogram", "volume", "maps", "unrolled", "regions", "truth", "cdi-series")
+STORE_KINDS = ("patterns", "sinogram", "volume", "maps", "unrolled", "regions", "truth", "cdi-series", "xcs",
+               "ct-volume", "ct-roughness")
 #: Every kind :func:`check` understands.
 KINDS = ("raw", *STORE_KINDS, "cxi", "phases", "spec", "model")
 
@@ -74,6 +80,8 @@ INTENSITY_DIMS = {"patterns": ("frame", "q"), "sinogram": ("angle", "translation
 _UNITS = {
     "mm": {"mm", "millimetre", "millimeter", "millimetres", "millimeters"},
     "nm": {"nm", "nanometre", "nanometer", "nanometres", "nanometers"},
+    "um": {"um", "µm", "μm", "micrometre", "micrometer", "micrometres", "micrometers", "micron", "microns"},
+    "a.u.": {"a.u.", "au", "atomic units", "atomic unit"},
     "deg": {"deg", "degree", "degrees", "°"},
     "1/angstrom": {"1/angstrom", "1/å", "1/a", "1/ang", "å^-1", "a^-1", "angstrom^-1", "å-1", "a-1", "å⁻¹",
                    "angstrom-1", "inverse angstrom", "1/angstroms", "angstrom**-1"},
@@ -201,6 +209,12 @@ def dataset_kind(ds: xr.Dataset) -> str | None:
             return "volume"
         return None
     names = {str(n) for n in ds.data_vars}
+    if "emr" in names:
+        return "xcs"
+    if "attenuation" in names:
+        return "ct-volume"
+    if {"height", "ra"} <= names:
+        return "ct-roughness"
     if "scale" in names:
         if "projection" in names or not any(n.endswith("_std") for n in names):
             return "truth"
@@ -594,6 +608,36 @@ def _check_cdi_series(ds: xr.Dataset, name: str) -> list[str]:
     return problems
 
 
+def _check_xcs(ds: xr.Dataset, name: str) -> list[str]:
+    problems: list[str] = []
+    for v in ("emr", "emr_std"):
+        _variable(ds, v, ("state", "y", "x"), name, problems, floating=True)
+    for v in ("x_li", "x_li_std"):
+        _variable(ds, v, ("state", "y", "x"), name, problems, floating=True, required=False)
+    if ("x_li" in ds.data_vars) != ("x_li_std" in ds.data_vars):
+        problems.append(f"{name}: x_li and x_li_std come together; one of them is missing")
+    _variable(ds, "profile", ("state", "region", "pz"), name, problems, floating=True)
+    _coord(ds, "pz", "pz", name, problems, units="a.u.", increasing=True)
+    return problems
+
+
+def _check_ct_volume(ds: xr.Dataset, name: str) -> list[str]:
+    problems: list[str] = []
+    _variable(ds, "attenuation", ("z", "y", "x"), name, problems, floating=True)
+    for c in ("z", "y", "x"):
+        _coord(ds, c, c, name, problems, units="um", increasing=True)
+    return problems
+
+
+def _check_ct_roughness(ds: xr.Dataset, name: str) -> list[str]:
+    problems: list[str] = []
+    _variable(ds, "height", ("interface", "y", "x"), name, problems, floating=True)
+    for v in ("ra", "rq"):
+        _variable(ds, v, ("interface",), name, problems, floating=True)
+    _variable(ds, "fraction", ("component",), name, problems, floating=True)
+    return problems
+
+
 def check_cxi(url: str) -> list[str]:
     """Problems of a Bragg CDI result file against the CXI contract (empty: it meets it)."""
     import h5py
@@ -625,7 +669,8 @@ def check_cxi(url: str) -> list[str]:
 
 _CHECKS = {"patterns": _check_patterns, "sinogram": _check_sinogram, "volume": _check_volume, "maps": _check_maps,
            "unrolled": _check_unrolled, "regions": _check_regions, "truth": _check_truth,
-           "cdi-series": _check_cdi_series}
+           "cdi-series": _check_cdi_series, "xcs": _check_xcs, "ct-volume": _check_ct_volume,
+           "ct-roughness": _check_ct_roughness}
 
 
 # -- YAML and the model registry -------------------------------------------------------------

@@ -1,0 +1,1 @@
+"""X-ray Compton scattering imaging and absorption CT of solid-state cells."""
