@@ -355,7 +355,7 @@ def test_write_cell_round_trip(tmp_path):
                                 shape=(4, 3), bins=600, hxt=True, seed=5)
     names = sorted(p.rsplit("/", 1)[-1] for p in paths)
     assert names == ["charged.h5", "charged_R1.hxt", "charged_R2.hxt", "charged_R3.hxt", "mixed.h5",
-                     "mixed_R1.hxt", "mixed_R2.hxt", "mixed_R3.hxt", "truth.h5"]
+                     "mixed_R1.hxt", "mixed_R2.hxt", "mixed_R3.hxt", "references.csv", "truth.h5"]
     cube = spectra.read_cube(str(tmp_path / "cell" / "mixed.h5"))
     assert cube.planes == ("R1", "R2", "R3") and cube.counts.shape == (3, 4, 3, 600)
     assert cube.meta["attrs"]["x_mean"] == pytest.approx(0.65)

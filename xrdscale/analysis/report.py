@@ -4,7 +4,10 @@ Sections: datasets; per dataset the maps of every phase (scale, its ensemble std
 fraction and its std, lattice parameters, crystallite size) with colour bars and units,
 the unrolled jelly roll and the ROI table; per cycle the voltage series of mean weight
 fractions (the paper's Fig. 3), of NCA lattice parameters per ROI (Fig. 7) and the
-lithiation regions; provenance (raw URLs, hashes, model, store configs, versions).
+lithiation regions; Bragg CDI series (:mod:`xrdscale.analysis.cdi_report`); Compton
+imaging (``xcs``) stores and CT interface roughness (``ct-roughness``) stores
+(:mod:`xrdscale.analysis.xcs_report`); provenance (raw URLs, hashes, model, store configs,
+versions).
 """
 
 from __future__ import annotations
@@ -272,7 +275,7 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
                  model: Mapping[str, Any] | None = None, rois: Mapping[str, Mapping[str, Any]] | None = None,
                  centre: tuple[float, float] | None = None, pitch: float | None = None,
                  phases: Mapping[str, object] | None = None, progress: bool = True,
-                 cdi: Sequence[str] = ()) -> str:
+                 cdi: Sequence[str] = (), xcs: Sequence[str] = (), roughness: Sequence[str] = ()) -> str:
     """Write the campaign report ``report.html`` (+ ``figures/*.png``, ``roi_table.csv``) to ``out_dir``.
 
     Parameters
@@ -299,6 +302,14 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
     cdi : sequence of str
         ``cdi-series`` stores (Bragg CDI) to add a section for each
         (:mod:`xrdscale.analysis.cdi_report`).
+    xcs : sequence of str
+        ``xcs`` stores (Compton imaging) to add a section for each: EMR (and x) maps,
+        Compton profiles, Table 1 and the per-region table
+        (:func:`xrdscale.analysis.xcs_report.add_section`).
+    roughness : sequence of str
+        ``ct-roughness`` stores, one per state, for one section of height maps and Table 2
+        (:func:`xrdscale.analysis.xcs_report.add_roughness_section`). With exactly one
+        ``xcs`` store, Table 2 gets its EMR of every state whose label matches.
 
     Returns
     -------
@@ -308,11 +319,13 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
     Raises
     ------
     InputError
-        Neither datasets nor CDI series, repeated ids, or a maps store without a ``scale`` map.
+        No datasets, CDI series, xcs or ct-roughness stores; repeated ids; or a maps store
+        without a ``scale`` map.
     """
     entries = [_entry(e) for e in datasets]
-    if not entries and not cdi:
-        raise InputError("the report needs at least one dataset (a maps store) or a Bragg CDI series; none was given")
+    if not entries and not cdi and not xcs and not roughness:
+        raise InputError("the report needs at least one dataset (a maps store), a Bragg CDI series, an xcs store or "
+                         "a ct-roughness store; none was given")
     ids = [e.id for e in entries]
     if len(set(ids)) != len(ids):
         raise InputError(f"dataset ids must be unique in a report; got {ids}")
@@ -325,7 +338,7 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
     maps: dict[str, xr.Dataset] = {}
     tables = []
     with Progress(transient=True, disable=not progress) as bar:
-        task = bar.add_task("report", total=len(entries) + len(cdi) + 1)
+        task = bar.add_task("report", total=len(entries) + len(cdi) + len(xcs) + bool(roughness) + 1)
         for e in entries:
             ds = storage.open_store(e.maps_url, stage="maps")
             ds.attrs["source_url"] = storage.redact(e.maps_url)
@@ -345,6 +358,19 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
 
             add_section(doc, url)
             bar.advance(task)
+        if xcs or roughness:
+            from xrdscale.analysis import xcs_report
+
+            emr_tables = []
+            for url in xcs:
+                emr_tables.append(xcs_report.add_section(doc, url))
+                bar.advance(task)
+            if roughness:
+                emr_by_state = ({str(s): float(v) for s, v in zip(emr_tables[0]["state"], emr_tables[0]["emr"],
+                                                                  strict=True)}
+                                if len(emr_tables) == 1 else None)
+                xcs_report.add_roughness_section(doc, roughness, emr_by_state)
+                bar.advance(task)
         _provenance(doc, entries, maps, model)
         bar.advance(task)
     if not rois_all.empty:

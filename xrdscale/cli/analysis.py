@@ -179,8 +179,9 @@ def regions_cmd(maps_urls: list[str] = MAPS_ARG,
     typer.echo(f"{out}: " + ", ".join(f"{k} {v} px" for k, v in counts.items()))
 
 
-def report_cmd(maps_urls: list[str] | None = typer.Argument(None, help="maps store URL(s) (path or s3://…); "
-                                                                      "none for a CDI-only report."),
+def report_cmd(maps_urls: list[str] | None = typer.Argument(None, help="maps store URL(s) (path or s3://…); none "
+                                                                      "for a report of CDI, xcs or ct-roughness "
+                                                                      "stores only."),
                out: str = typer.Argument(..., help="Output folder for report.html, figures/ and roi_table.csv."),
                voltage: list[float] | None = VOLTAGE_OPT,
                cycle: int | None = typer.Option(None, "--cycle", help="Cycle number of all the given stores."),
@@ -189,8 +190,13 @@ def report_cmd(maps_urls: list[str] | None = typer.Argument(None, help="maps sto
                title: str = typer.Option("xrdscale report", "--title", help="Report title."),
                phases: str | None = PHASES_OPT,
                cdi: list[str] | None = typer.Option(None, "--cdi", help="A Bragg CDI series store (from `xrdscale "
-                                                                       "cdi series`) to add; repeatable.")) -> None:
-    """Write a self-contained HTML report (maps, uncertainty, unrolled views, ROI tables, voltage series, Bragg CDI)."""
+                                                                       "cdi series`) to add; repeatable."),
+               xcs: list[str] | None = typer.Option(None, "--xcs", help="A Compton-imaging xcs store (from `xrdscale "
+                                                                       "xcs emr` or `lithium`) to add; repeatable."),
+               roughness: list[str] | None = typer.Option(None, "--roughness", help="A ct-roughness store (from "
+                                                          "`xrdscale ct roughness`), one per state; repeatable.")
+               ) -> None:
+    """Write a self-contained HTML report (maps, unrolled views, ROI tables, voltage series, CDI, XCS, CT roughness)."""
     from xrdscale.analysis.report import DatasetEntry
 
     maps_urls = list(maps_urls or [])
@@ -206,7 +212,8 @@ def report_cmd(maps_urls: list[str] | None = typer.Argument(None, help="maps sto
     spec, _ = _rois(rois)
     centre_yx = _centre(centre)
     report(entries, out, title=title, rois=spec, centre=tuple(centre_yx) if centre_yx is not None else None,
-           pitch=pitch or None, phases=_phases(phases), cdi=list(cdi or []))
+           pitch=pitch or None, phases=_phases(phases), cdi=list(cdi or []),
+           xcs=list(xcs or []), roughness=list(roughness or []))
     typer.echo(storage.join(out, "report.html"))
 
 

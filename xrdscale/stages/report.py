@@ -1,5 +1,8 @@
 """The ``report`` stage: the campaign's HTML report over the ``maps`` of its datasets.
 
+Bragg CDI series, Compton-imaging (``xcs``) and CT-roughness (``ct-roughness``) stores
+add sections of their own (``cdi``, ``xcs``, ``roughness``).
+
 :func:`xrdscale.analysis.report.write_report` makes the report; :func:`report` writes it
 as a folder with the completion marker last, removed again on failure, whether it runs
 from a campaign or from ``xrdscale report``.
@@ -33,7 +36,8 @@ class ReportConfig(StageConfig):
 
 def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None = None, title: str = "xrdscale report",
            model: Mapping[str, Any] | None = None, phases: Mapping[str, Any] | None = None,
-           progress: bool = True, cdi: Sequence[str] = (), **settings: Any) -> str:
+           progress: bool = True, cdi: Sequence[str] = (), xcs: Sequence[str] = (), roughness: Sequence[str] = (),
+           **settings: Any) -> str:
     """Write the report folder ``out_url`` (``report.html``, figures, ROI table), marker last.
 
     Parameters
@@ -54,6 +58,10 @@ def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None 
         Show progress.
     cdi : sequence of str
         Bragg CDI ``cdi-series`` stores, one report section each.
+    xcs : sequence of str
+        Compton-imaging ``xcs`` stores, one report section each.
+    roughness : sequence of str
+        ``ct-roughness`` stores (one per state), one report section together (Table 2).
 
     Returns
     -------
@@ -66,7 +74,8 @@ def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None 
 
     def body() -> str:
         write_report(entries, out_url, title=title, model=model, rois=cfg.rois, centre=cfg.centre,
-                     pitch=cfg.pitch or None, phases=phases, progress=progress, cdi=cdi)
+                     pitch=cfg.pitch or None, phases=phases, progress=progress, cdi=cdi,
+                     xcs=xcs, roughness=roughness)
         storage.mark_complete(out_url, {"stage": "report", "config": cfg.record()})
         return out_url
 
