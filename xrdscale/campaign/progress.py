@@ -76,8 +76,9 @@ class CampaignProgress:
             total += self._add(CAMPAIGN, "campaign report", 1)
         for did, tasks in plan.dataset_tasks.items():
             total += self._add(did, did, len(tasks))
-        for sid in plan.series_tasks:
-            total += self._add(sid, f"{sid} (Bragg CDI)", 1)
+        for sid, tasks in plan.series_tasks.items():
+            kind = "Bragg CDI" if tasks[0].stage.name == "cdi" else "Compton imaging"
+            total += self._add(sid, f"{sid} ({kind})", len(tasks))
         self._tasks[_ALL] = self.progress.add_task("all", total=total, name="campaign", stage="")
         self._totals[_ALL], self._done[_ALL] = total, 0
 

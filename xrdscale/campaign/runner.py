@@ -56,7 +56,7 @@ class RunResult:
     invocation: str
     failed: dict[str, str] = field(default_factory=dict)
     maps: dict[str, str] = field(default_factory=dict)
-    series: dict[str, str] = field(default_factory=dict)  #: Bragg CDI series id → its store
+    series: dict[str, str] = field(default_factory=dict)  #: CDI series / XCS cell id → its (first) store
     report: str | None = None
 
     @property
@@ -74,8 +74,8 @@ def store_url(workspace: str, dataset_id: str, stage: Stage) -> str:
         return storage.join(workspace, "model", stage.name + stage.suffix)
     if stage.scope == "report":
         return storage.join(workspace, "report")
-    if stage.scope == "series":
-        return storage.join(workspace, "cdi", dataset_id + stage.suffix)
+    if stage.scope == "series":  # workspace/cdi/<series>.zarr, workspace/xcs/<cell>.zarr, workspace/ct/<cell>
+        return storage.join(workspace, stage.name, dataset_id + stage.suffix)
     return storage.join(workspace, "datasets", dataset_id, stage.name + stage.suffix)
 
 
@@ -118,9 +118,15 @@ class Plan:
                 if s.scope == "dataset":
                     done[s.name] = self._task(s, ds, done)
             self.dataset_tasks[ds.id] = list(done.values())
-        #: Bragg CDI series id → its task (stages of scope ``series``; no model, no upstream)
-        self.series_tasks: dict[str, Task] = {series.id: self._task(s, series, {}) for series in spec.cdi
-                                              for s in self.stages.values() if s.scope == "series"}
+        #: CDI series / XCS cell id → its tasks, in order (stages of scope ``series``, one per item of
+        #: the spec list the stage names in ``collection``; no model, no upstream)
+        self.series_tasks: dict[str, list[Task]] = {}
+        for s in self.stages.values():
+            if s.scope != "series":
+                continue
+            for item in getattr(spec, s.collection):
+                if s.applies(item):
+                    self.series_tasks.setdefault(item.id, []).append(self._task(s, item, {}))
         self.report_stage = next((s for s in self.stages.values() if s.scope == "report"), None)
 
     def _ident(self, url: str) -> dict:
@@ -166,17 +172,21 @@ class Plan:
         return Task(stage, ds, inputs, store_url(self.spec.workspace, did, stage), config,
                     _hash({"stage": stage.name, "config": config}), _hash({"up": upstream, "ext": external}))
 
-    def report_task(self, maps: dict[str, Task], series: dict[str, Task] | None = None) -> Task | None:
-        """The report over the finished ``analyse`` tasks (dataset id → task) and CDI series (id → task)."""
+    def report_task(self, maps: dict[str, Task], series: dict[str, list[Task]] | None = None) -> Task | None:
+        """The report over the finished ``analyse`` tasks (dataset id → task) and series (id → tasks).
+
+        A series task's output is the input ``<stage>:<id>`` (``cdi:…``, ``xcs:…``, ``ct:…``).
+        """
         series = series or {}
         if self.report_stage is None or not (maps or series):
             return None
         s = self.report_stage
         inputs = {f"analyse:{k}": t.out for k, t in sorted(maps.items())}
-        inputs.update({f"cdi:{k}": t.out for k, t in sorted(series.items())})
+        done = {f"{t.stage.name}:{k}": t for k, ts in sorted(series.items()) for t in ts}
+        inputs.update({k: t.out for k, t in done.items()})
         if self.model_url and maps:
             inputs[MODEL] = self.model_url
-        upstream = {k: t.config_hash + t.input_hash for k, t in sorted({**maps, **series}.items())}
+        upstream = {k: t.config_hash + t.input_hash for k, t in sorted({**maps, **done}.items())}
         config = s.config(self.spec)
         return Task(s, None, inputs, store_url(self.spec.workspace, CAMPAIGN, s), config,
                     _hash({"stage": s.name, "config": config}), _hash({"up": upstream}))
@@ -184,7 +194,7 @@ class Plan:
     def all_tasks(self) -> list[Task]:
         """Model, dataset and CDI series tasks (the report is planned once they finish)."""
         return self.model_tasks + [t for ts in self.dataset_tasks.values() for t in ts] + \
-            list(self.series_tasks.values())
+            [t for ts in self.series_tasks.values() for t in ts]
 
 
 def check_inputs(spec: Any) -> None:
@@ -208,6 +218,13 @@ def check_inputs(spec: Any) -> None:
             urls.append((f"cdi {series.id}: mask", series.mask))
     if spec.cdi and spec.pipeline.cdi.init == "cnn" and spec.pipeline.cdi.cnn_model:
         urls.append(("pipeline.cdi.cnn_model", spec.pipeline.cdi.cnn_model))
+    for cell in spec.xcs:
+        for st in cell.states:
+            urls += [(f"xcs {cell.id}: state {st.label}", part) for part in st.data.split(",")]
+            if st.ct:
+                urls.append((f"xcs {cell.id}: state {st.label} CT", st.ct))
+        urls += [(f"xcs {cell.id}: {what}", url) for what, url in (("mask", cell.mask),
+                                                                   ("calibration", cell.calibration)) if url]
     missing = [f"{what}: {storage.redact(url)}" for what, url in urls if not storage.exists(url)]
     if missing:
         lines = "\n  ".join(missing)
@@ -332,7 +349,8 @@ class Runner:
                 model = pool.submit(self._run_chain, plan.model_tasks, None) if plan.model_tasks else None
                 futures = {did: pool.submit(self._run_chain, tasks, model)
                            for did, tasks in plan.dataset_tasks.items()}
-                series_futures = {sid: pool.submit(self.run_task, task) for sid, task in plan.series_tasks.items()}
+                series_futures = {sid: pool.submit(self._run_chain, tasks, None)
+                                  for sid, tasks in plan.series_tasks.items()}
                 finished: dict[str, Task] = {}
                 for did, fut in futures.items():
                     try:
@@ -342,10 +360,11 @@ class Runner:
                         continue
                     result.maps[did] = maps
                     finished[did] = plan.dataset_tasks[did][-1]
-                series_done: dict[str, Task] = {}
+                series_done: dict[str, list[Task]] = {}
                 for sid, sfut in series_futures.items():
                     try:
-                        result.series[sid] = sfut.result()
+                        sfut.result()
+                        result.series[sid] = plan.series_tasks[sid][0].out
                     except StageFailed as exc:
                         result.failed[sid] = str(exc)
                         continue

@@ -30,12 +30,14 @@ from xrdscale.runtime.cluster import ClusterSpec, LocalCluster
 from xrdscale.stages.absorption import AbsorptionConfig
 from xrdscale.stages.analyse import AnalyseConfig
 from xrdscale.stages.cdi import CdiConfig
+from xrdscale.stages.ct import CtConfig, RoughnessConfig
 from xrdscale.stages.denoise import DenoiseConfig
 from xrdscale.stages.integrate import IntegrateConfig
 from xrdscale.stages.reconstruct import ReconstructConfig
 from xrdscale.stages.report import ReportConfig
 from xrdscale.stages.sinogram import SinogramConfig
 from xrdscale.stages.train import TrainConfig
+from xrdscale.stages.xcs import XcsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -68,6 +70,9 @@ class Pipeline(_Model):
     analyse: AnalyseConfig = AnalyseConfig()
     report: ReportConfig = ReportConfig()
     cdi: CdiConfig = CdiConfig()
+    xcs: XcsConfig = XcsConfig()
+    ct: CtConfig = CtConfig()
+    roughness: RoughnessConfig = RoughnessConfig()
 
 
 class RunnerConfig(_Model):
@@ -121,6 +126,37 @@ class CdiSeries(_Model):
         return _plain_id(value)
 
 
+class XcsState(_Model):
+    """One state of charge of an XCS-CT cell: its Compton spectrum cube, and optionally a CT scan."""
+
+    label: str = Field(min_length=1)
+    data: str = Field(description="spectrum cube (HDF5/NeXus, .hxt, or plane files joined by commas)")
+    voltage: float | None = None
+    ct: str | None = Field(None, description="CT projections of the same state (NXtomo or HDF5)")
+
+
+class XcsCell(_Model):
+    """A solid-state cell imaged by Compton scattering (and CT) across states of charge."""
+
+    id: str
+    states: list[XcsState] = Field(min_length=1)
+    calibration: str | None = Field(None, description="EMR → x calibration (JSON of `xrdscale xcs calibrate`, or a "
+                                                      "CSV of emr, x); gives the x maps")
+    mask: str | None = Field(None, description="pixel mask shared by the states")
+
+    @field_validator("id")
+    @classmethod
+    def _safe_id(cls, value: str) -> str:
+        return _plain_id(value)
+
+    @model_validator(mode="after")
+    def _unique_labels(self) -> XcsCell:
+        labels = [st.label for st in self.states]
+        if len(set(labels)) != len(labels):
+            raise ValueError(f"state labels of cell {self.id!r} must be unique; got {labels}")
+        return self
+
+
 class Cycle(_Model):
     cycle: int
     datasets: list[Dataset] = Field(min_length=1)
@@ -145,17 +181,20 @@ class CampaignSpec(_Model):
     cycles: list[Cycle] = Field(default_factory=list)
     cdi: list[CdiSeries] = Field(default_factory=list, description="Bragg CDI series (charge states of one "
                                                                    "crystal)")
+    xcs: list[XcsCell] = Field(default_factory=list, description="cells imaged by Compton scattering and CT "
+                                                                 "(states of charge of one cell)")
 
     @model_validator(mode="after")
     def _something_to_do(self) -> CampaignSpec:
-        if not self.cycles and not self.cdi:
-            raise ValueError("a campaign needs cycles (XRD-CT datasets) or cdi (Bragg CDI series); it has neither")
+        if not self.cycles and not self.cdi and not self.xcs:
+            raise ValueError("a campaign needs cycles (XRD-CT datasets), cdi (Bragg CDI series) or xcs (Compton "
+                             "imaging cells); it has none")
         if self.cycles and self.geometry is None:
             raise ValueError("geometry (a PONI file) is needed by the XRD-CT datasets of cycles")
-        ids = [d.id for d in self.datasets()] + [c.id for c in self.cdi]
+        ids = [d.id for d in self.datasets()] + [c.id for c in self.cdi] + [c.id for c in self.xcs]
         repeated = sorted({i for i in ids if ids.count(i) > 1})
         if repeated:
-            raise ValueError(f"ids must be unique across datasets and cdi series; repeated: {repeated}")
+            raise ValueError(f"ids must be unique across datasets, cdi series and xcs cells; repeated: {repeated}")
         return self
 
     def datasets(self) -> list[Dataset]:
@@ -231,6 +270,11 @@ def resolve_paths(spec: CampaignSpec, base_dir: str | None) -> CampaignSpec:
     cdi = [c.model_copy(update={"mask": r(c.mask),
                                 "states": [st.model_copy(update={"data": r(st.data)}) for st in c.states]})
            for c in spec.cdi]
+    xcs = [c.model_copy(update={"mask": r(c.mask), "calibration": r(c.calibration),
+                                "states": [st.model_copy(update={"data": ",".join(r(p) or "" for p in
+                                                                                  st.data.split(",")),
+                                                                 "ct": r(st.ct)}) for st in c.states]})
+           for c in spec.xcs]
     absorption = spec.pipeline.absorption.model_copy(update={"mu_map": r(spec.pipeline.absorption.mu_map),
                                                              "maps": r(spec.pipeline.absorption.maps)})
     pipeline = spec.pipeline.model_copy(update={"absorption": absorption})
@@ -240,6 +284,7 @@ def resolve_paths(spec: CampaignSpec, base_dir: str | None) -> CampaignSpec:
     return spec.model_copy(update={
         "workspace": r(spec.workspace), "phases": r(spec.phases), "model": r(spec.model),
         "geometry": geometry, "cycles": cycles, "job_store": job_store, "pipeline": pipeline, "cdi": cdi,
+        "xcs": xcs,
     })
 
 

@@ -74,8 +74,9 @@ class Stage:
         ``enabled(spec) -> bool``; a disabled stage is left out of the graph and its
         downstream reads its upstream instead.
     scope : str
-        ``"dataset"``, ``"model"`` (before the datasets), ``"series"`` (once per Bragg CDI
-        series of the spec's ``cdi``) or ``"report"`` (after them).
+        ``"dataset"``, ``"model"`` (before the datasets), ``"series"`` (once per item of the
+        spec list named by ``collection``: a Bragg CDI series, an XCS cell) or ``"report"``
+        (after them).
     suffix : str
         Store suffix (``.zarr``; empty for folders such as a model or a report).
     external : callable
@@ -88,6 +89,10 @@ class Stage:
         add no order); a stage the table lacks is left out of its inputs.
     preflight : callable
         ``preflight(spec)`` checks the stage's inputs before the campaign starts (raises).
+    collection : str
+        A series stage: the spec list it runs once per item of (``cdi``, ``xcs``).
+    applies : callable
+        A series stage: ``applies(item) -> bool``, whether the item needs it.
     """
 
     name: str
@@ -101,6 +106,8 @@ class Stage:
     ray: bool = False
     reads: tuple[str, ...] = ()
     preflight: Callable[[Any], None] = field(default=lambda spec: None)
+    collection: str = "cdi"
+    applies: Callable[[Any], bool] = field(default=lambda item: True)
 
 
 def _ray(call: StageCall) -> None:
@@ -216,6 +223,50 @@ def _cdi_inputs(spec: Any, series: Any) -> dict:
     return out
 
 
+def _run_xcs(call: StageCall) -> None:
+    """One XCS cell: EMR maps of every state; with a calibration, the x maps too."""
+    from xrdscale.stages.xcs import emr_maps, lithium
+
+    cell = call.dataset
+    labels = [st.label for st in cell.states]
+    cubes = [st.data for st in cell.states]
+    if cell.calibration is None:
+        emr_maps(cubes, call.out, config=call.spec.pipeline.xcs, labels=labels, mask=cell.mask, progress=False)
+        return
+    emr_url = call.out.removesuffix(".zarr") + "-emr.zarr"
+    emr_maps(cubes, emr_url, config=call.spec.pipeline.xcs, labels=labels, mask=cell.mask, progress=False)
+    lithium(emr_url, cell.calibration, call.out, progress=False)
+
+
+def _xcs_inputs(spec: Any, cell: Any) -> dict:
+    out = {f"state:{st.label}:{i}": part for st in cell.states for i, part in enumerate(st.data.split(","))}
+    out.update({k: v for k, v in (("mask", cell.mask), ("calibration", cell.calibration)) if v})
+    return out
+
+
+def _run_ct(call: StageCall) -> None:
+    """The CT scans of one XCS cell: every state reconstructed, then its interfaces' height maps and R_a.
+
+    The output is a folder: ``<state>-volume.zarr`` and ``<state>.zarr`` (ct-roughness) per
+    state with a scan; it is marked complete last.
+    """
+    from xrdscale.stages.ct import reconstruct, roughness
+
+    storage.begin_store(call.out)
+    for st in call.dataset.states:
+        if not st.ct:
+            continue
+        volume = storage.join(call.out, f"{st.label}-volume.zarr")
+        reconstruct(st.ct, volume, config=call.spec.pipeline.ct, progress=False)
+        roughness(volume, storage.join(call.out, f"{st.label}.zarr"), config=call.spec.pipeline.roughness,
+                  progress=False)
+    storage.mark_complete(call.out, {"stage": "ct", "states": [st.label for st in call.dataset.states if st.ct]})
+
+
+def _ct_inputs(spec: Any, cell: Any) -> dict:
+    return {f"ct:{st.label}": st.ct for st in cell.states if st.ct}
+
+
 def _run_report(call: StageCall) -> None:
     """The campaign report over the finished datasets and CDI series; the folder is marked complete last."""
     from xrdscale.stages.report import report
@@ -230,8 +281,13 @@ def _run_report(call: StageCall) -> None:
                         "raw_url": ds.raw})
     model = {"url": storage.redact(call.inputs[MODEL])} if MODEL in call.inputs else None
     cdi = [url for key, url in call.inputs.items() if key.startswith("cdi:")]
+    xcs = [url for key, url in call.inputs.items() if key.startswith("xcs:")]
+    cells = {c.id: c for c in call.spec.xcs}
+    rough = [storage.join(url, f"{st.label}.zarr") for key, url in call.inputs.items() if key.startswith("ct:")
+             for st in cells[key.split(":", 1)[1]].states if st.ct]
     report(entries, call.out, config=call.spec.pipeline.report, title=f"xrdscale campaign {call.spec.campaign}",
-           model=model, phases=_phases(call.spec) if entries else None, progress=False, cdi=cdi)
+           model=model, phases=_phases(call.spec) if entries else None, progress=False, cdi=cdi, xcs=xcs,
+           roughness=rough)
 
 
 def _check_poni(spec: Any) -> None:
@@ -282,6 +338,10 @@ def default_stages() -> list[Stage]:
               enabled=lambda s: s.pipeline.denoise.enabled),
         Stage("analyse", _run_analyse, _hashed("analyse"), needs=("denoise", MODEL), ray=True),
         Stage("cdi", _run_cdi, _hashed("cdi"), scope="series", external=_cdi_inputs),
+        Stage("xcs", _run_xcs, _hashed("xcs"), scope="series", external=_xcs_inputs, collection="xcs"),
+        Stage("ct", _run_ct, lambda s: {"ct": s.pipeline.ct.hashed(), "roughness": s.pipeline.roughness.hashed()},
+              scope="series", suffix="", external=_ct_inputs, collection="xcs",
+              applies=lambda cell: any(st.ct for st in cell.states)),
         Stage("report", _run_report, _hashed("report"), scope="report", suffix=""),
     ]
 

@@ -63,7 +63,8 @@ def run_and_print(spec, *, note: str | None = None) -> None:
     for did, maps in result.maps.items():
         out.print(f"maps of {did}: {storage.redact(maps)}", highlight=False, soft_wrap=True)
     for sid, url in result.series.items():
-        out.print(f"Bragg CDI series {sid}: {storage.redact(url)}", highlight=False, soft_wrap=True)
+        kind = "Bragg CDI series" if sid in {c.id for c in spec.cdi} else "Compton imaging cell"
+        out.print(f"{kind} {sid}: {storage.redact(url)}", highlight=False, soft_wrap=True)
     if result.report:
         out.print(f"report: {storage.redact(storage.join(result.report, 'report.html'))}", highlight=False,
                   soft_wrap=True)
@@ -96,7 +97,7 @@ def status_cmd(spec_url: str = SPEC_ARG, workspace: str | None = WORKSPACE_OPT) 
     table = Table(title=f"campaign {spec.campaign} — {runs} run(s)")
     for col in ("dataset", "stage", "status", "attempts", "ended", "error"):
         table.add_column(col)
-    order = [CAMPAIGN] + [d.id for d in spec.datasets()] + [c.id for c in spec.cdi]
+    order = [CAMPAIGN] + [d.id for d in spec.datasets()] + [c.id for c in spec.cdi] + [c.id for c in spec.xcs]
     for (did, stage), r in sorted(latest.items(), key=lambda kv: order.index(kv[0][0]) if kv[0][0] in order else 0):
         ended = r.ended_at.strftime("%Y-%m-%d %H:%M:%S") if r.ended_at else ""
         table.add_row(did, stage, r.status, str(r.attempts), ended, (r.error or "")[:120])
@@ -112,10 +113,10 @@ def report_cmd(spec_url: str = SPEC_ARG, workspace: str | None = WORKSPACE_OPT) 
     spec = _load(spec_url, workspace)
     plan = Plan(spec)
     finished = {did: tasks[-1] for did, tasks in plan.dataset_tasks.items() if is_done(tasks[-1])}
-    series = {sid: t for sid, t in plan.series_tasks.items() if is_done(t)}
+    series = {sid: ts for sid, ts in plan.series_tasks.items() if all(is_done(t) for t in ts)}
     task = plan.report_task(finished, series)
     if task is None:
-        raise InputError(f"campaign {spec.campaign!r}: nothing is complete yet (maps or CDI series); run "
+        raise InputError(f"campaign {spec.campaign!r}: nothing is complete yet (maps, CDI series or XCS cells); run "
                          f"`xrdscale campaign run {spec_url}` first")
     store = open_job_store(spec)
     try:

@@ -102,6 +102,34 @@ STAGES: tuple[StageDef, ...] = (
               required=False, many=True),
     ), "A charge-state series: every state phased, aligned to the first, strain, PCA (Eqs. 2-4), Table 1.",
         group="cdi"),
+    StageDef("emr", "xrdscale.stages.xcs:XcsConfig", "xrdscale.stages.xcs:emr_maps", (
+        Param("cubes", "One spectrum cube per state: HDF5/NeXus (spectra (y, x, bin) or (plane, y, x, bin), energy "
+                       "in keV), HEXITEC .hxt, or plane files joined by commas.", many=True),
+        Param("out", "xcs store to write (zarr; per-region table also as regions.csv inside it)."),
+        Param("labels", "Label of each state, in order (repeat the option; default: file names).", option=True,
+              required=False, many=True),
+        Param("mask", "Pixel mask (.npy or HDF5, y × x, nonzero = excluded).", option=True, required=False),
+    ), "EMR = counts(|p_z|<1)/counts(1<|p_z|<5) per pixel and region, Compton peaks, profiles J(p_z).",
+        group="xcs"),
+    StageDef("lithium", "xrdscale.stages.xcs:LithiumConfig", "xrdscale.stages.xcs:lithium", (
+        Param("emr_store", "xcs store from `xrdscale xcs emr`."),
+        Param("calibration", "Calibration JSON from `xrdscale xcs calibrate` (or a CSV of emr, x points)."),
+        Param("out", "xcs store to write, with x_li and x_li_std (state, y, x)."),
+    ), "Li stoichiometry maps x = a + b·EMR of an xcs store, with σ from the EMR and the calibration.",
+        group="xcs"),
+    StageDef("reconstruct", "xrdscale.stages.ct:CtConfig", "xrdscale.stages.ct:reconstruct", (
+        Param("projections", "Projections: NXtomo (data, image_key, rotation_angle) or HDF5 with projections, "
+                             "flats, darks, angles."),
+        Param("out", "ct-volume store to write (zarr, attenuation (z, y, x))."),
+        Param("flats", "Flat fields from another HDF5 file (frames, row, col).", option=True, required=False),
+        Param("darks", "Dark fields from another HDF5 file.", option=True, required=False),
+    ), "Absorption CT: flat/dark, -log, ring removal (algotom), centre of rotation, ASTRA FBP slice by slice.",
+        group="ct"),
+    StageDef("roughness", "xrdscale.stages.ct:RoughnessConfig", "xrdscale.stages.ct:roughness", (
+        Param("volume", "ct-volume store from `xrdscale ct reconstruct`."),
+        Param("out", "ct-roughness store to write (height maps, R_a, volume fractions; roughness.csv inside)."),
+    ), "Segment a cell volume; anode/SPE and cathode/SPE height maps, R_a (ISO 4287), volume fractions.",
+        group="ct"),
 )
 
 
