@@ -173,17 +173,28 @@ def _read_mask(source: str | np.ndarray | None, shape: tuple[int, int]) -> np.nd
 
 # -- the per-block reduction -------------------------------------------------------------
 
-def _block(counts: np.ndarray, energy: np.ndarray, mask: np.ndarray, cfg: XcsConfig, separate: bool) -> dict:
-    """Reduce a block ``(plane, rows, x, bin)`` of one state to per-pixel and summed quantities."""
+def _block(counts: np.ndarray, energy: np.ndarray, mask: np.ndarray, cfg: XcsConfig, separate: bool,
+           bins: slice) -> dict:
+    """Reduce a block ``(plane, rows, x, bin)`` of one state to per-pixel and summed quantities.
+
+    After the energy calibration (which needs the whole spectrum's lines) only the ``bins``
+    around the Compton peak that the windows and profiles use are carried on.
+    """
     from xrdscale.runtime.progress import report
     from xrdscale.xcs import emr, separation, spectra
 
-    c = np.asarray(counts, dtype=np.float64)
-    spectra.check_counts(c)
-    if cfg.energy_lines is not None:
+    raw = np.asarray(counts)
+    spectra.check_counts(raw)
+    total = raw.sum(axis=-1, dtype=np.float64)
+    if cfg.energy_lines is not None:  # the lines lie far from the Compton peak: calibrate the whole spectra
+        c = np.array(raw, dtype=np.float64)
         for p in range(c.shape[0]):
             gain, offset = spectra.calibrate_energy(c[p], energy, cfg.energy_lines)
             c[p] = spectra.apply_energy_calibration(c[p], energy, gain, offset)
+        c = c[..., bins]
+    else:
+        c = np.asarray(raw[..., bins], dtype=np.float64)
+    energy = energy[bins]
     if separate:
         regions, var = separation.separate(c[0], c[1], c[2], alpha=float(cfg.alpha or 0), beta=float(cfg.beta or 0))
     else:
@@ -195,7 +206,7 @@ def _block(counts: np.ndarray, energy: np.ndarray, mask: np.ndarray, cfg: XcsCon
     keep = ~mask
     out = {"low": sums.low, "high": sums.high, "var_low": sums.var_low, "var_high": sums.var_high, "peak": peak,
            "spectrum": regions[:, keep].sum(axis=1), "variance": var[:, keep].sum(axis=1),
-           "total": c.sum(axis=-1)}
+           "total": total}
     report(int(c.shape[1] * c.shape[2]))
     return out
 
@@ -290,6 +301,7 @@ def emr_maps(cubes: Sequence[str], out: str, *, config: XcsConfig | None = None,
         raise InputError(f"target {target!r} is not a region of these cubes; choose one of {', '.join(regions)}")
     for s in states:  # the window must lie inside every state's bins (before any data is read)
         _windows(s.energy, cfg)
+    bins = _compton_bins(states[0].energy, cfg)
     user_mask = _read_mask(mask, tuple(grid))
 
     def body() -> str:
@@ -299,11 +311,11 @@ def emr_maps(cubes: Sequence[str], out: str, *, config: XcsConfig | None = None,
             counts = s.counts.rechunk({0: -1, 1: cfg.chunk_rows, 2: -1, 3: -1})
             blocks = counts.to_delayed().ravel()
             rows = np.cumsum((0, *counts.chunks[1]))
-            tasks.append([dask.delayed(_block, pure=True)(b, s.energy, m[r0:r1], cfg, separate)
+            tasks.append([dask.delayed(_block, pure=True)(b, s.energy, m[r0:r1], cfg, separate, bins)
                           for b, r0, r1 in zip(blocks, rows[:-1], rows[1:], strict=True)])
         total = len(states) * int(np.prod(grid))
         done = compute(tasks, client=client, progress=progress, label="xcs emr", total=total, unit="pixels")
-        ds = _dataset(names, states, masks, done, regions, target, separate, cfg)
+        ds = _dataset(names, states, masks, done, regions, target, separate, cfg, bins)
         storage.create_store(ds, out, stage="xcs", config=cfg.record())
         storage.write_bytes(storage.join(out, "regions.csv"), _region_table(ds).to_csv(index=False).encode())
         storage.mark_complete(out, {"stage": "xcs", "states": names})
@@ -315,6 +327,17 @@ def emr_maps(cubes: Sequence[str], out: str, *, config: XcsConfig | None = None,
     return guarded(out, body)
 
 
+def _compton_bins(energy: np.ndarray, cfg: XcsConfig) -> slice:
+    """The bins within |p_z| ≤ max(pz_high, pz_max) + 1 a.u. of the Compton peak (all the analysis reads)."""
+    from xrdscale.xcs import physics
+
+    reach = max(cfg.pz_high, cfg.pz_max) + 1.0
+    pz = physics.pz_au(cfg.incident_kev, np.asarray(energy, dtype=np.float64), cfg.angle)
+    inside = np.flatnonzero(np.abs(pz) <= reach)
+    i0, i1 = max(int(inside[0]) - 1, 0), min(int(inside[-1]) + 2, len(energy))
+    return slice(i0, i1)
+
+
 def _regions(planes: Sequence[str], separate: bool) -> list[str]:
     from xrdscale.xcs.separation import COMPONENTS
 
@@ -322,7 +345,7 @@ def _regions(planes: Sequence[str], separate: bool) -> list[str]:
 
 
 def _dataset(names: list[str], states: list[Any], masks: list[np.ndarray], done: list[list[dict]],
-             regions: tuple[str, ...], target: str, separate: bool, cfg: XcsConfig) -> xr.Dataset:
+             regions: tuple[str, ...], target: str, separate: bool, cfg: XcsConfig, bins: slice) -> xr.Dataset:
     """The ``xcs`` store of the reduced blocks of every state."""
     from xrdscale.xcs import emr
 
@@ -342,12 +365,13 @@ def _dataset(names: list[str], states: list[Any], masks: list[np.ndarray], done:
     pz_grid = np.round(np.arange(-cfg.pz_max, cfg.pz_max + cfg.pz_step / 2, cfg.pz_step), 10)
     region_emr, region_std, region_peak, profiles = [], [], [], []
     for s, state in enumerate(states):
-        win = _windows(state.energy, cfg)
+        energy = state.energy[bins]
+        win = _windows(energy, cfg)
         sums = emr.window_sums(spectrum[s], win, variance[s])
         r, r_std = sums.ratio()
         region_emr.append(r)
         region_std.append(r_std)
-        region_peak.append(emr.peak_position(spectrum[s], state.energy, incident_kev=cfg.incident_kev,
+        region_peak.append(emr.peak_position(spectrum[s], energy, incident_kev=cfg.incident_kev,
                                              angle_deg=cfg.angle, half_width_kev=cfg.peak_half_width))
         profiles.append(emr.profile(spectrum[s], win, pz_grid))
     region_peak_arr = np.asarray(region_peak)
@@ -374,7 +398,7 @@ def _dataset(names: list[str], states: list[Any], masks: list[np.ndarray], done:
                         {"long_name": "Compton profile J(p_z) of the region's summed spectrum",
                          "units": "counts per a.u."}),
             "spectrum": (("state", "region", "bin"), spectrum.astype(f32),
-                         {"long_name": "summed spectrum of the region's unmasked pixels"}),
+                         {"long_name": "summed spectrum of the region's unmasked pixels, around the Compton peak"}),
             "region_emr": (("state", "region"), np.asarray(region_emr), {"long_name": "EMR of the summed region"}),
             "region_emr_std": (("state", "region"), np.asarray(region_std)),
             "region_peak_kev": (("state", "region"), region_peak_arr, {"units": "keV"}),
@@ -383,7 +407,7 @@ def _dataset(names: list[str], states: list[Any], masks: list[np.ndarray], done:
         },
         coords={"state": np.asarray(names, dtype=object), "region": np.asarray(regions, dtype=object),
                 "plane": np.asarray(states[0].planes, dtype=object), "y": np.arange(ny), "x": np.arange(nx),
-                "pz": pz_grid, "energy": (("state", "bin"), np.stack([s.energy for s in states]))},
+                "pz": pz_grid, "energy": (("state", "bin"), np.stack([s.energy[bins] for s in states]))},
     )
     ds["pz"].attrs["units"] = "a.u."
     ds["energy"].attrs["units"] = "keV"

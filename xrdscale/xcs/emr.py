@@ -59,6 +59,12 @@ class Windows:
     angle_deg: float
 
     @property
+    def support(self) -> tuple[int, int]:
+        """``(i0, i1)``: the bins ``i0:i1`` that either window touches."""
+        used = np.flatnonzero((self.low > 0) | (self.high > 0))
+        return (int(used[0]), int(used[-1]) + 1) if used.size else (0, 0)
+
+    @property
     def pz(self) -> np.ndarray:
         """p_z (a.u.) of the bin centres (midpoints of the edges)."""
         return 0.5 * (self.pz_edges[1:] + self.pz_edges[:-1])
@@ -110,12 +116,20 @@ class WindowSums:
 
 
 def window_sums(counts: np.ndarray, win: Windows, variance: np.ndarray | None = None) -> WindowSums:
-    """Sum ``counts`` ``(..., bin)`` over both windows; the variance defaults to Poisson (the counts)."""
-    c = np.asarray(counts, dtype=np.float64)
-    if c.shape[-1] != win.low.size:
-        raise InputError(f"spectra have {c.shape[-1]} bins but the energy axis has {win.low.size}")
-    v = c if variance is None else np.asarray(variance, dtype=np.float64)
-    return WindowSums(low=c @ win.low, high=c @ win.high, var_low=v @ win.low ** 2, var_high=v @ win.high ** 2)
+    """Sum ``counts`` ``(..., bin)`` over both windows; the variance defaults to Poisson (the counts).
+
+    Only the bins the windows touch are read (about a tenth of a 0–120 keV spectrum), in
+    one matrix product of the spectra with the two weight vectors.
+    """
+    if np.shape(counts)[-1] != win.low.size:
+        raise InputError(f"spectra have {np.shape(counts)[-1]} bins but the energy axis has {win.low.size}")
+    i0, i1 = win.support
+    weights = np.stack([win.low[i0:i1], win.high[i0:i1]], axis=1)
+    c = np.asarray(np.asarray(counts)[..., i0:i1], dtype=np.float64)
+    sums = c @ weights
+    v = c if variance is None else np.asarray(np.asarray(variance)[..., i0:i1], dtype=np.float64)
+    var = v @ weights ** 2
+    return WindowSums(low=sums[..., 0], high=sums[..., 1], var_low=var[..., 0], var_high=var[..., 1])
 
 
 def emr_ratio(low: np.ndarray, high: np.ndarray, var_low: np.ndarray,
