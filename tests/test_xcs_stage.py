@@ -135,3 +135,21 @@ def test_calibrate_cli_on_the_papers_table1_and_on_bad_tables(tmp_path, xrdscale
     (tmp_path / "flat.csv").write_text("emr,x\n1.2,1.0\n1.2,0.5\n")
     code, _, err = xrdscale_cli("xcs", "calibrate", str(tmp_path / "flat.csv"))
     assert code != 0 and "singular" in err
+
+
+def test_broken_hxt_files_give_clear_errors(tmp_path, rng, xrdscale_cli):
+    from xrdscale.xcs import spectra
+
+    counts, energy = _compton_cube(rng, shape=(4, 3), bins=2000)
+    good = spectra.write_hxt(str(tmp_path / "good.hxt"), counts.astype(np.float64), energy)
+    data = (tmp_path / "good.hxt").read_bytes()
+    code, _, err = xrdscale_cli("xcs", "emr", good, str(tmp_path / "good.zarr"), "--no-mask-bad-pixels")
+    assert code == 0, err
+    (tmp_path / "label.hxt").write_bytes(b"HEXITECX" + data[8:])
+    code, _, err = xrdscale_cli("xcs", "emr", str(tmp_path / "label.hxt"), str(tmp_path / "label.zarr"))
+    assert code != 0 and "HEXITECH" in err
+    (tmp_path / "short.hxt").write_bytes(data[: len(data) - 1000])
+    out = str(tmp_path / "short.zarr")
+    code, _, err = xrdscale_cli("xcs", "emr", str(tmp_path / "short.hxt"), out)
+    assert code != 0 and "truncated" in err.lower()
+    assert not storage.exists(out) or not storage.is_complete(out)

@@ -37,7 +37,7 @@ from xrdscale.stages.reconstruct import ReconstructConfig
 from xrdscale.stages.report import ReportConfig
 from xrdscale.stages.sinogram import SinogramConfig
 from xrdscale.stages.train import TrainConfig
-from xrdscale.stages.xcs import XcsConfig
+from xrdscale.stages.xcs import LithiumConfig, XcsConfig
 
 logger = logging.getLogger(__name__)
 
@@ -71,6 +71,7 @@ class Pipeline(_Model):
     report: ReportConfig = ReportConfig()
     cdi: CdiConfig = CdiConfig()
     xcs: XcsConfig = XcsConfig()
+    lithium: LithiumConfig = LithiumConfig()
     ct: CtConfig = CtConfig()
     roughness: RoughnessConfig = RoughnessConfig()
 

@@ -235,7 +235,7 @@ def _run_xcs(call: StageCall) -> None:
         return
     emr_url = call.out.removesuffix(".zarr") + "-emr.zarr"
     emr_maps(cubes, emr_url, config=call.spec.pipeline.xcs, labels=labels, mask=cell.mask, progress=False)
-    lithium(emr_url, cell.calibration, call.out, progress=False)
+    lithium(emr_url, cell.calibration, call.out, config=call.spec.pipeline.lithium, progress=False)
 
 
 def _xcs_inputs(spec: Any, cell: Any) -> dict:
@@ -338,7 +338,8 @@ def default_stages() -> list[Stage]:
               enabled=lambda s: s.pipeline.denoise.enabled),
         Stage("analyse", _run_analyse, _hashed("analyse"), needs=("denoise", MODEL), ray=True),
         Stage("cdi", _run_cdi, _hashed("cdi"), scope="series", external=_cdi_inputs),
-        Stage("xcs", _run_xcs, _hashed("xcs"), scope="series", external=_xcs_inputs, collection="xcs"),
+        Stage("xcs", _run_xcs, lambda s: {"xcs": s.pipeline.xcs.hashed(), "lithium": s.pipeline.lithium.hashed()},
+              scope="series", external=_xcs_inputs, collection="xcs"),
         Stage("ct", _run_ct, lambda s: {"ct": s.pipeline.ct.hashed(), "roughness": s.pipeline.roughness.hashed()},
               scope="series", suffix="", external=_ct_inputs, collection="xcs",
               applies=lambda cell: any(st.ct for st in cell.states)),

@@ -14,6 +14,7 @@ holds more than one block.
 
 from __future__ import annotations
 
+import json
 import logging
 import posixpath
 from collections.abc import Sequence
@@ -483,10 +484,14 @@ def lithium(emr_store: str, calibration: str, out: str, *, config: LithiumConfig
     ds["region_x_li"] = ("state", rx, {"long_name": f"x of the summed {target}"})
     ds["region_x_li_std"] = ("state", rx_std)
     ds.attrs["calibration"] = cal.to_dict()
-    ds.attrs.pop("stage", None)
+    emr_config = json.loads(ds.attrs.pop("config", "{}") or "{}")  # what made the EMR maps stays on record
+    for key in ("stage", "xrdscale_version", "created"):
+        ds.attrs.pop(key, None)
 
     def body() -> str:
-        storage.create_store(ds, out, stage="xcs", config={"lithium": cfg.record(), "source": emr_store})
+        storage.create_store(ds, out, stage="xcs", config={"xcs": emr_config, "lithium": cfg.record(),
+                                                           "emr_store": storage.redact(emr_store),
+                                                           "calibration": storage.redact(calibration)})
         storage.write_bytes(storage.join(out, "regions.csv"), _region_table(ds).to_csv(index=False).encode())
         storage.mark_complete(out, {"stage": "xcs", "states": [str(s) for s in ds["state"].values], "x_li": True})
         logger.info("x maps of %d state(s) (%s) -> %s", ds.sizes["state"], cal.summary(), storage.redact(out))
