@@ -288,3 +288,17 @@ def spiral_maps(n: int = 128, px: float = 0.15, centre=(0.31, -0.22), r0: float 
         scale += rng.normal(0, 0.05, scale.shape)
     coords = {"phase": list(SPIRAL_PHASES), "y": ax, "x": ax}
     return xr.Dataset({"scale": (("phase", "y", "x"), scale)}, coords=coords)
+
+
+# NCA (scale, a, c) and Al at demo noise (the counts of the packaged libraries): a small phase library
+NCA_AL_YAML = """\
+version: 1
+wavelength: 0.130509
+q_grid: {min: 1.16, max: 2.84, npt: 192}
+instrument: {U: 0.0, V: 0.0, W: 4.0e-4, X: 0.0}
+background: {chebyshev_order: 2, amplitude: [0.0, 0.05]}
+noise: {counts: [1.0e5, 1.0e7]}
+phases:
+  NCA: {builtin: NCA, scale: [0.1, 1], a: [2.810, 2.875], c: [14.15, 14.55]}
+  Al: {builtin: Al, scale: [0, 0.2]}
+"""

@@ -77,6 +77,8 @@ def test_every_pipeline_setting_reaches_its_stage(beamtime, tmp_path):
             "train": {"n": 300, "ensemble": 3, "epochs": 1, "batch": 64, "seed": 1, "outputs": ["scale"],
                       "parallel": False},
             "analyse": {"ensemble": 2, "batch": 512},
+            "fit": {"enabled": True, "sample": 0.03, "seed": 2, "max_iterations": 15, "batch": 64},
+            "fit_compare": {"sigma": 3.0},
             "report": {"rois": {}, "pitch": 0.5},
         },
         "cycles": [{"cycle": 2, "datasets": [{"id": "d1", "state": "charged", "voltage": 4.2,
@@ -106,8 +108,16 @@ def test_every_pipeline_setting_reaches_its_stage(beamtime, tmp_path):
     maps = storage.open_store(stores["analyse"])
     assert json.loads(maps.attrs["config"])["ensemble"] == 2 and maps.attrs["ensemble"] == 2
     assert "weight_fraction" in maps and set(maps["phase"].values) == {"NCA", "Al", "Cu"}
+    fit = storage.open_store(str(ws / "fit.zarr"))
+    fit_cfg = _config(str(ws / "fit.zarr"))
+    assert (fit_cfg["sample"], fit_cfg["seed"], fit_cfg["max_iterations"]) == (0.03, 2, 15)
+    fitted = np.isfinite(fit["rwp"].values)
+    assert 0 < fitted.mean() < 0.1 and float(np.nanmin(fit["scale"].values)) >= 0
+    assert _config(str(ws / "fit-compare.zarr"))["sigma"] == 3.0
+    assert result.maps["d1"] == stores["analyse"]  # the fit checks the maps; they stay the dataset's result
     report = tmp_path / "work" / "report"
     assert storage.is_complete(str(report))
+    assert "Full-profile fit against PQ-Net" in (report / "report.html").read_text()
     assert storage.read_marker(str(report))["config"]["pitch"] == 0.5
     model = [p for p in (tmp_path / "work").rglob("model*") if p.is_dir()]
     assert model, list((tmp_path / "work").iterdir())

@@ -160,3 +160,18 @@ def test_intensity_is_the_contract_formula_with_no_extra_constant():
 def test_bad_q_grids_say_what_they_got(q, words):
     with pytest.raises(InputError, match=words):
         simulate_patterns(q, [builtin_phase("Al")], {"Al": {"scale": np.ones(1)}}, Instrument(0.130509))
+
+
+def test_phases_pickle_through_their_cif_text():
+    """Dask workers get phases by pickle (gemmi structures do not pickle themselves)."""
+    import pickle
+
+    from xrdscale.physics.crystal import builtin_phase
+
+    for name in ("NCA", "graphite"):
+        phase = builtin_phase(name)
+        back = pickle.loads(pickle.dumps(phase))
+        a, b = phase.reflections(0.130509, 6.0), back.reflections(0.130509, 6.0)
+        assert back.name == phase.name and back.system == phase.system
+        np.testing.assert_allclose(b.q, a.q)
+        np.testing.assert_allclose(b.f2, a.f2, rtol=1e-6)

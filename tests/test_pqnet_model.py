@@ -42,7 +42,7 @@ def test_grouped_phase_blocks_equal_separate_per_phase_modules(rng):
     xn = x / x.mean(dim=1, keepdim=True)
     c = spec.phase_channels
     with torch.inference_mode():
-        got = model.standardised(xn)
+        got = model.raw_outputs(xn)
         shared = model.pattern_block(xn.unsqueeze(1))
         convs = [m for m in model.phase_blocks if isinstance(m, nn.Conv1d)]
         for j, (phase, _) in enumerate(spec.routes):
@@ -56,6 +56,40 @@ def test_grouped_phase_blocks_equal_separate_per_phase_modules(rng):
             f = h.flatten(1)
             ref = torch.relu(f @ model.w1[j] + model.b1[j]) @ model.w2[j] + model.b2[j]
             torch.testing.assert_close(got[:, j], ref, rtol=1e-4, atol=1e-5)
+
+
+def test_scale_outputs_are_a_sharp_softplus_and_never_negative(rng):
+    """scale / n = softplus_β(r·std + mean) with β = 10/std; standardised() standardises it; old specs stay affine."""
+    torch.manual_seed(3)
+    spec = tiny_spec()
+    model = PQNet(spec).eval()
+    with torch.no_grad():  # push the routes' affine outputs far to both sides of zero
+        model.b2.copy_(torch.tensor([-8.0, 0.3, -0.2, 4.0]))
+    x = torch.from_numpy(rng.uniform(1, 10, (6, 64)).astype(np.float32))
+    norm = x.mean(dim=1, keepdim=True)
+    mean, std = torch.tensor(spec.target_mean), torch.tensor(spec.target_std)
+    with torch.inference_mode():
+        r = model.raw_outputs(x / norm)
+        y, t = model(x), model.standardised(x / norm)
+    z = r * std + mean
+    scale = torch.tensor(spec.scale_mask)
+    beta = 10 / std
+    ref = torch.where(scale, (z.clamp_min(0) + torch.log1p(torch.exp(-(beta * z).abs())) / beta), z)  # softplus_β
+    torch.testing.assert_close(y[:, ~scale], z[:, ~scale])
+    torch.testing.assert_close(y[:, scale] / norm, ref[:, scale], rtol=1e-5, atol=1e-7)
+    torch.testing.assert_close(t, (torch.where(scale, y / norm, y) - mean) / std, rtol=1e-4, atol=1e-5)
+    assert (y[:, 0] >= 0).all() and (y[:, 0] < 1e-6 * norm[:, 0]).all()  # r far below -mean/std: ~0, not negative
+    torch.testing.assert_close(y[:, 3] / norm[:, 0], z[:, 3])            # far above: the identity
+    onnx = Ensemble([model], [export_onnx(model)], engine="onnx").predict(x.numpy())[0]
+    np.testing.assert_allclose(onnx, y.numpy(), rtol=1e-4, atol=1e-6)
+    assert (onnx[:, 0] >= 0).all()
+    # entries written before the option keep their affine scale outputs
+    old = {k: v for k, v in spec.to_dict().items() if k != "nonnegative_scale"}
+    assert ModelSpec.from_dict(old).nonnegative_scale is False and ModelSpec.from_dict(spec.to_dict()) == spec
+    affine = PQNet(ModelSpec.from_dict(old)).eval()
+    affine.load_state_dict(model.state_dict())
+    with torch.inference_mode():
+        torch.testing.assert_close(affine(x)[:, scale] / norm, z[:, scale])
 
 
 def test_onnx_engine_agrees_with_torch(rng):

@@ -60,6 +60,14 @@ def check_maps(ds: xr.Dataset, mean: np.ndarray, std: np.ndarray, pix_shape: tup
         np.testing.assert_allclose(ds[var + "_std"].sel(phase=phase).values, std[:, j].reshape(pix_shape),
                                    rtol=1e-3, atol=1e-5)
     assert np.isnan(ds["c"].sel(phase="Al").values).all() and np.isnan(ds["size"].values).all()
+    assert (ds["scale"].values >= 0).all()  # the scale outputs are a softplus: never negative
+    # quality maps over the pixel dims, from the same tasks (the entry's library rebuilds from its text)
+    for var in ("rwp", "chi2", "ood"):
+        assert ds[var].dims == tuple(ds["scale"].dims[1:]), var
+    assert np.isfinite(ds["rwp"].values).all() and (ds["rwp"].values >= 0).all()
+    assert ds["ood"].dtype == np.uint8 and set(np.unique(ds["ood"].values)) <= set(range(8))
+    assert list(ds["ood"].attrs["flag_masks"]) == [1, 2, 4]
+    assert ds["ood"].attrs["flag_meanings"] == "residual ensemble_spread range_edge"
 
 
 def test_volume_to_maps_with_two_actors_matches_bare_torch(ray_local, model_url, tmp_path, rng):

@@ -17,19 +17,10 @@ from xrdscale.pqnet.library import make_library
 from xrdscale.pqnet.registry import open_entry
 from xrdscale.pqnet.serve import load_ensemble
 from xrdscale.pqnet.train import train_ensemble
+from _builders import NCA_AL_YAML
 
 # NCA (scale, a, c) and Al at demo noise (the counts of the packaged libraries).
-YAML = """\
-version: 1
-wavelength: 0.130509
-q_grid: {min: 1.16, max: 2.84, npt: 192}
-instrument: {U: 0.0, V: 0.0, W: 4.0e-4, X: 0.0}
-background: {chebyshev_order: 2, amplitude: [0.0, 0.05]}
-noise: {counts: [1.0e5, 1.0e7]}
-phases:
-  NCA: {builtin: NCA, scale: [0.1, 1], a: [2.810, 2.875], c: [14.15, 14.55]}
-  Al: {builtin: Al, scale: [0, 0.2]}
-"""
+YAML = NCA_AL_YAML
 SMALL = {"pattern_channels": 8, "phase_channels": 8, "hidden": 32}
 
 
@@ -55,6 +46,10 @@ def test_held_out_accuracy_is_recorded_and_meets_the_targets(trained):
     assert out["NCA.a"]["mae"] <= 0.003
     assert out["NCA.c"]["mae"] <= 0.015
     assert len(entry.members) == 3 and all(len(m["curves"]["val_mae"]) >= 1 for m in entry.members)
+    # every output beside its Cramér–Rao bound on the held-out split; all are determined here and accepted
+    assert entry.metrics["bounds"]["n"] == 256 and entry.metrics["bounds"]["source"] == "replayed"
+    assert all(o["r2_bound"] >= 0.99 and o["r2"] <= o["r2_bound"] + 0.005 for o in out.values()), out
+    assert all(o["accepted"] and not o["weakly_determined"] for o in out.values()), out
 
 
 @pytest.mark.slow

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import os
 import re
 import shutil
@@ -43,6 +44,12 @@ def campaign_maps(rng, voltage: float, k: int) -> xr.Dataset:
                      "a": (("phase", "y", "x"), a), "a_std": (("phase", "y", "x"), np.where(np.isnan(a), np.nan, 0.002)),
                      "c": (("phase", "y", "x"), c),
                      "size": (("phase", "y", "x"), np.full(scale.shape, 300.0))})
+    # quality maps: the first k + 1 rows out of distribution (residual), the rest clean
+    ood = np.zeros(anode.shape, np.uint8)
+    ood[:k + 1] = 1
+    ds["rwp"] = (("y", "x"), 0.05 + 0.5 * ood)
+    ds["ood"] = (("y", "x"), ood)
+    ds["ood"].attrs.update(flag_masks=[1, 2, 4], flag_meanings="residual ensemble_spread range_edge")
     return ds.chunk({"phase": 4})
 
 
@@ -75,8 +82,12 @@ def test_report_contents(report):
     figs = os.listdir(os.path.join(out, "figures"))
     assert text.count("data:image/png;base64,") == len(figs) >= 3 * 9
     for name in ("c7-2.65V_scale.png", "c7-4.2V_weight_fraction_std.png", "c7-3.85V_unrolled.png",
-                 "cycle7_fractions.png", "cycle7_nca_lattice.png", "cycle7_regions.png"):
+                 "cycle7_fractions.png", "cycle7_nca_lattice.png", "cycle7_regions.png", "c7-4.2V_quality.png"):
         assert name in figs
+    assert "Out-of-distribution pixels" in text
+    table = pd.read_html(io.StringIO(text[text.index("Out-of-distribution pixels"):]))[0]
+    np.testing.assert_allclose(table["flagged"], [1 / 64, 2 / 64, 3 / 64], rtol=1e-3)
+    np.testing.assert_allclose(table["median rwp"], 0.05)
     for needle in ("Provenance", "s3://beamtime/raw/c7_2.65.nxs", "abc123", "sha256:", "NCA next to Al tab", "xarray"):
         assert needle in text
     csv = pd.read_csv(os.path.join(out, "roi_table.csv"))

@@ -144,3 +144,52 @@ def region_map(region: xr.DataArray, names: Mapping[int, str], *, title: str) ->
     ax.set_ylabel("y (mm)", fontsize=8)
     ax.set_title(title, fontsize=10)
     return to_png(fig)
+
+
+#: Colours of the ``ood`` bit mask's eight values (0: in distribution).
+OOD_COLOURS = ("#f0f0f0", "#d7191c", "#2b8cbe", "#7b3294", "#fdae61", "#a6611a", "#1a9641", "#000000")
+
+
+def quality_maps(rwp: xr.DataArray, ood: xr.DataArray | None, *, title: str,
+                 bits: Mapping[int, str] | None = None) -> bytes:
+    """The ``rwp`` map (y, x) and the ``ood`` bit-mask map beside it, with labelled colour bars.
+
+    Parameters
+    ----------
+    rwp : xarray.DataArray
+        Weighted profile R factor per pixel (y, x), coordinates in mm.
+    ood : xarray.DataArray, optional
+        Out-of-distribution bit mask per pixel (y, x).
+    title : str
+        Figure title.
+    bits : mapping, optional
+        Bit → meaning, for the colour bar of ``ood`` (default: ``1, 2, 4``).
+    """
+    n = 1 + (ood is not None)
+    fig, axes = plt.subplots(1, n, figsize=(4.4 * n, 3.6), squeeze=False)
+    y, x = rwp["y"].values, rwp["x"].values
+    extent = (float(x[0]), float(x[-1]), float(y[-1]), float(y[0]))
+    img = np.asarray(rwp.transpose("y", "x").values, dtype=float)
+    finite = img[np.isfinite(img)]
+    lo, hi = np.percentile(finite, [1, 99]) if finite.size else (0.0, 1.0)
+    ax = axes[0, 0]
+    im = ax.imshow(img, extent=extent, cmap="magma", vmin=lo, vmax=hi if hi > lo else lo + 1e-12)
+    ax.set_title("rwp of the implied pattern", fontsize=9)
+    _colorbar(fig, im, ax, "rwp")
+    if ood is not None:
+        names = dict(bits or {1: "residual", 2: "ensemble_spread", 4: "range_edge"})
+        cmap = matplotlib.colors.ListedColormap(list(OOD_COLOURS))
+        ax = axes[0, 1]
+        im = ax.imshow(np.asarray(ood.transpose("y", "x").values, dtype=float), extent=extent, cmap=cmap,
+                       vmin=-0.5, vmax=7.5, interpolation="nearest")
+        ax.set_title("ood bit mask", fontsize=9)
+        cb = fig.colorbar(im, ax=ax, ticks=range(8), fraction=0.046, pad=0.04)
+        labels = ["none"] + ["+".join(names.get(b, str(b)) for b in sorted(names) if v & b) for v in range(1, 8)]
+        cb.ax.set_yticklabels(labels, fontsize=6)
+    for ax in axes.ravel():
+        ax.set_xlabel("x (mm)", fontsize=7)
+        ax.set_ylabel("y (mm)", fontsize=7)
+        ax.tick_params(labelsize=6)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout()
+    return to_png(fig)

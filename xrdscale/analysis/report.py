@@ -2,7 +2,9 @@
 
 Sections: datasets; per dataset the maps of every phase (scale, its ensemble std, weight
 fraction and its std, lattice parameters, crystallite size) with colour bars and units,
-the unrolled jelly roll and the ROI table; per cycle the voltage series of mean weight
+the quality maps (``rwp`` of the pattern implied by the prediction and the ``ood`` bit mask,
+:mod:`xrdscale.pqnet.quality`), the unrolled jelly roll and the ROI table; a table of the
+fraction of out-of-distribution pixels of every dataset; per cycle the voltage series of mean weight
 fractions (the paper's Fig. 3), of NCA lattice parameters per ROI (Fig. 7) and the
 lithiation regions; Bragg CDI series (:mod:`xrdscale.analysis.cdi_report`); Compton
 imaging (``xcs``) stores and CT interface roughness (``ct-roughness``) stores
@@ -187,6 +189,7 @@ def _dataset_section(doc: _Doc, e: DatasetEntry, maps: xr.Dataset, *, centre, pi
         if da is not None:
             doc.figure(plots.map_grid(da, title=f"{e.id}: {var}", units=units, cmap=cmap), f"{e.id}_{var}",
                        f"{e.id}: {var} maps of every phase ({units})")
+    _quality_figure(doc, e, maps)
     try:
         yc, xc = centre if centre is not None else find_centre(maps)[:2]
         wf = _present(maps, "weight_fraction")
@@ -214,6 +217,37 @@ def _dataset_section(doc: _Doc, e: DatasetEntry, maps: xr.Dataset, *, centre, pi
     table = roi_table({e.id: maps}, roi_set)
     _roi_tables(doc, table, e.id)
     return table
+
+
+def _quality_figure(doc: _Doc, e: DatasetEntry, maps: xr.Dataset) -> None:
+    """The rwp and ood maps of a dataset, when its maps store has them."""
+    if "rwp" not in maps.data_vars or tuple(maps["rwp"].dims) != ("y", "x"):
+        return
+    ood = maps["ood"].load() if "ood" in maps.data_vars else None
+    bits = None
+    if ood is not None and "flag_masks" in ood.attrs and "flag_meanings" in ood.attrs:
+        bits = dict(zip((int(b) for b in ood.attrs["flag_masks"]), str(ood.attrs["flag_meanings"]).split()))
+    doc.figure(plots.quality_maps(maps["rwp"].load(), ood, title=f"{e.id}: quality of the prediction", bits=bits),
+               f"{e.id}_quality", f"{e.id}: rwp of the pattern implied by each pixel's prediction"
+               + (" and the out-of-distribution bit mask" if ood is not None else ""))
+
+
+def _quality_row(e: DatasetEntry, maps: xr.Dataset) -> dict[str, Any] | None:
+    """Fraction of flagged pixels (any bit, and per bit) and the median rwp of one dataset."""
+    if "ood" not in maps.data_vars:
+        return None
+    ood = np.asarray(maps["ood"].values).astype(np.int64).ravel()
+    attrs = maps["ood"].attrs
+    masks = [int(b) for b in attrs.get("flag_masks", (1, 2, 4))]
+    meanings = str(attrs.get("flag_meanings", "residual ensemble_spread range_edge")).split()
+    row: dict[str, Any] = {"dataset": e.id, "pixels": int(ood.size),
+                           "flagged": float((ood > 0).mean()) if ood.size else float("nan")}
+    for b, name in zip(masks, meanings):
+        row[name] = float(((ood & b) > 0).mean()) if ood.size else float("nan")
+    if "rwp" in maps.data_vars:
+        rwp = np.asarray(maps["rwp"].values, dtype=float)
+        row["median rwp"] = float(np.nanmedian(rwp)) if np.isfinite(rwp).any() else float("nan")
+    return row
 
 
 def _cycle_section(doc: _Doc, cycle: Any, entries: Sequence[DatasetEntry], maps: Mapping[str, xr.Dataset],
@@ -275,7 +309,8 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
                  model: Mapping[str, Any] | None = None, rois: Mapping[str, Mapping[str, Any]] | None = None,
                  centre: tuple[float, float] | None = None, pitch: float | None = None,
                  phases: Mapping[str, object] | None = None, progress: bool = True,
-                 cdi: Sequence[str] = (), xcs: Sequence[str] = (), roughness: Sequence[str] = ()) -> str:
+                 cdi: Sequence[str] = (), xcs: Sequence[str] = (), roughness: Sequence[str] = (),
+                 fits: Mapping[str, str] | None = None) -> str:
     """Write the campaign report ``report.html`` (+ ``figures/*.png``, ``roi_table.csv``) to ``out_dir``.
 
     Parameters
@@ -310,6 +345,9 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
         ``ct-roughness`` stores, one per state, for one section of height maps and Table 2
         (:func:`xrdscale.analysis.xcs_report.add_roughness_section`). With exactly one
         ``xcs`` store, Table 2 gets its EMR of every state whose label matches.
+    fits : mapping, optional
+        Dataset id → its ``fit-compare`` store (``xrdscale fit compare`` of the full-profile
+        fit against PQ-Net), one section together (:mod:`xrdscale.analysis.fit_report`).
 
     Returns
     -------
@@ -346,6 +384,11 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
             tables.append(_dataset_section(doc, e, maps[e.id], centre=centre, pitch=pitch, rois_spec=rois))
             bar.advance(task)
         rois_all = pd.concat(tables, ignore_index=True) if any(not t.empty for t in tables) else pd.DataFrame()
+        quality_rows = [r for r in (_quality_row(e, maps[e.id]) for e in entries) if r is not None]
+        if quality_rows:
+            doc.h(2, "Out-of-distribution pixels")
+            doc.table(pd.DataFrame(quality_rows), "Fraction of the pixels of every dataset flagged out of distribution "
+                      "(any bit, and per bit of the ood mask) and their median rwp")
         cycles: dict[Any, list[DatasetEntry]] = {}
         for e in entries:
             if e.voltage is not None:
@@ -353,6 +396,10 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
         for cycle, group in cycles.items():
             if len(group) >= 2:
                 _cycle_section(doc, cycle, sorted(group, key=lambda e: float(e.voltage or 0.0)), maps, rois_all)
+        if fits:
+            from xrdscale.analysis import fit_report
+
+            fit_report.add_section(doc, fits)
         for url in cdi:
             from xrdscale.analysis.cdi_report import add_section
 

@@ -172,6 +172,14 @@ class Plan:
         return Task(stage, ds, inputs, store_url(self.spec.workspace, did, stage), config,
                     _hash({"stage": stage.name, "config": config}), _hash({"up": upstream, "ext": external}))
 
+    def maps_task(self, did: str) -> Task:
+        """The task whose output is dataset ``did``'s result: its last stage that is not a check."""
+        return [t for t in self.dataset_tasks[did] if not t.stage.check][-1]
+
+    def check_tasks(self, did: str) -> list[Task]:
+        """The dataset's check stages (the fit), which run after its maps."""
+        return [t for t in self.dataset_tasks[did] if t.stage.check]
+
     def report_task(self, maps: dict[str, Task], series: dict[str, list[Task]] | None = None) -> Task | None:
         """The report over the finished ``analyse`` tasks (dataset id → task) and series (id → tasks).
 
@@ -183,6 +191,8 @@ class Plan:
         s = self.report_stage
         inputs = {f"analyse:{k}": t.out for k, t in sorted(maps.items())}
         done = {f"{t.stage.name}:{k}": t for k, ts in sorted(series.items()) for t in ts}
+        done.update({f"{t.stage.name}:{k}": t for k in sorted(maps) if k in self.dataset_tasks
+                     for t in self.check_tasks(k) if is_done(t)})
         inputs.update({k: t.out for k, t in done.items()})
         if self.model_url and maps:
             inputs[MODEL] = self.model_url
@@ -358,8 +368,9 @@ class Runner:
                     except StageFailed as exc:
                         result.failed[did] = str(exc)
                         continue
-                    result.maps[did] = maps
-                    finished[did] = plan.dataset_tasks[did][-1]
+                    del maps  # the chain's last output may be a check's (the fit); the maps are the result
+                    finished[did] = plan.maps_task(did)
+                    result.maps[did] = finished[did].out
                 series_done: dict[str, list[Task]] = {}
                 for sid, sfut in series_futures.items():
                     try:

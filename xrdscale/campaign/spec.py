@@ -32,6 +32,7 @@ from xrdscale.stages.analyse import AnalyseConfig
 from xrdscale.stages.cdi import CdiConfig
 from xrdscale.stages.ct import CtConfig, RoughnessConfig
 from xrdscale.stages.denoise import DenoiseConfig
+from xrdscale.stages.fit import FitCompareConfig, FitConfig
 from xrdscale.stages.integrate import IntegrateConfig
 from xrdscale.stages.reconstruct import ReconstructConfig
 from xrdscale.stages.report import ReportConfig
@@ -68,6 +69,8 @@ class Pipeline(_Model):
     denoise: DenoiseConfig = DenoiseConfig()
     train: TrainConfig = TrainConfig()
     analyse: AnalyseConfig = AnalyseConfig()
+    fit: FitConfig = FitConfig()
+    fit_compare: FitCompareConfig = FitCompareConfig()
     report: ReportConfig = ReportConfig()
     cdi: CdiConfig = CdiConfig()
     xcs: XcsConfig = XcsConfig()

@@ -93,6 +93,9 @@ class Stage:
         A series stage: the spec list it runs once per item of (``cdi``, ``xcs``).
     applies : callable
         A series stage: ``applies(item) -> bool``, whether the item needs it.
+    check : bool
+        A dataset stage that checks the dataset's maps (the full-profile fit): it runs after
+        them, the maps stay the dataset's result, and the report gets its output beside them.
     """
 
     name: str
@@ -108,6 +111,7 @@ class Stage:
     preflight: Callable[[Any], None] = field(default=lambda spec: None)
     collection: str = "cdi"
     applies: Callable[[Any], bool] = field(default=lambda item: True)
+    check: bool = False
 
 
 def _ray(call: StageCall) -> None:
@@ -205,6 +209,25 @@ def _run_analyse(call: StageCall) -> None:
             progress=False)
 
 
+def _run_fit(call: StageCall) -> None:
+    """The full-profile fit of (a sample of) a dataset's pixels, started from PQ-Net, and its comparison with PQ-Net.
+
+    Writes ``fit.zarr`` (a maps store) and ``fit-compare.zarr`` beside it (difference maps and
+    ``compare.csv``: bias, MAE and disagreement beyond the combined uncertainties).
+    """
+    from xrdscale.stages.fit import fit_compare, fit_maps
+
+    volume = call.inputs.get("denoise") or call.inputs["reconstruct"]
+    fit_maps(call.inputs[MODEL], volume, call.out, config=call.spec.pipeline.fit, progress=False)
+    fit_compare(call.out, call.inputs["analyse"], compare_url(call.out), config=call.spec.pipeline.fit_compare,
+                progress=False)
+
+
+def compare_url(fit_url: str) -> str:
+    """Where the campaign's fit stage puts its comparison with PQ-Net: ``fit-compare.zarr`` beside ``fit.zarr``."""
+    return fit_url.removesuffix(".zarr") + "-compare.zarr"
+
+
 def _run_cdi(call: StageCall) -> None:
     """One Bragg CDI series: every state phased, aligned, strain, PCA, Table 1."""
     from xrdscale.stages.cdi import series
@@ -282,12 +305,13 @@ def _run_report(call: StageCall) -> None:
     model = {"url": storage.redact(call.inputs[MODEL])} if MODEL in call.inputs else None
     cdi = [url for key, url in call.inputs.items() if key.startswith("cdi:")]
     xcs = [url for key, url in call.inputs.items() if key.startswith("xcs:")]
+    fits = {key.split(":", 1)[1]: compare_url(url) for key, url in call.inputs.items() if key.startswith("fit:")}
     cells = {c.id: c for c in call.spec.xcs}
     rough = [storage.join(url, f"{st.label}.zarr") for key, url in call.inputs.items() if key.startswith("ct:")
              for st in cells[key.split(":", 1)[1]].states if st.ct]
     report(entries, call.out, config=call.spec.pipeline.report, title=f"xrdscale campaign {call.spec.campaign}",
            model=model, phases=_phases(call.spec) if entries else None, progress=False, cdi=cdi, xcs=xcs,
-           roughness=rough)
+           roughness=rough, fits=fits)
 
 
 def _check_poni(spec: Any) -> None:
@@ -337,6 +361,8 @@ def default_stages() -> list[Stage]:
         Stage("denoise", _run_denoise, _hashed("denoise"), needs=("reconstruct",), reads=("absorption",),
               enabled=lambda s: s.pipeline.denoise.enabled),
         Stage("analyse", _run_analyse, _hashed("analyse"), needs=("denoise", MODEL), ray=True),
+        Stage("fit", _run_fit, lambda s: {"fit": s.pipeline.fit.hashed(), "compare": s.pipeline.fit_compare.hashed()},
+              needs=("analyse",), reads=("denoise", MODEL), enabled=lambda s: s.pipeline.fit.enabled, check=True),
         Stage("cdi", _run_cdi, _hashed("cdi"), scope="series", external=_cdi_inputs),
         Stage("xcs", _run_xcs, lambda s: {"xcs": s.pipeline.xcs.hashed(), "lithium": s.pipeline.lithium.hashed()},
               scope="series", external=_xcs_inputs, collection="xcs"),

@@ -112,7 +112,7 @@ def report_cmd(spec_url: str = SPEC_ARG, workspace: str | None = WORKSPACE_OPT) 
 
     spec = _load(spec_url, workspace)
     plan = Plan(spec)
-    finished = {did: tasks[-1] for did, tasks in plan.dataset_tasks.items() if is_done(tasks[-1])}
+    finished = {did: plan.maps_task(did) for did in plan.dataset_tasks if is_done(plan.maps_task(did))}
     series = {sid: ts for sid, ts in plan.series_tasks.items() if all(is_done(t) for t in ts)}
     task = plan.report_task(finished, series)
     if task is None:

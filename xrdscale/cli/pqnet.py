@@ -36,14 +36,21 @@ def library_cmd(
 
 def train_cmd(library: str, model: str, **options) -> None:
     """Train a PQ-Net deep ensemble and write its model registry entry."""
+    from xrdscale.pqnet.identifiability import bounds_table, format_table
     from xrdscale.pqnet.registry import open_entry
     from xrdscale.stages.train import TrainConfig, train
 
     config = config_from_options(TrainConfig, options, _TRAIN_YAML)
     entry_id = train(library, model, config)
-    metrics = open_entry(model).metrics
+    entry = open_entry(model)
+    metrics = entry.metrics
     typer.echo(f"wrote model {entry_id} to {model}; held-out test metrics:")
     typer.echo(json.dumps(metrics["outputs"], indent=1))
+    bounds = metrics.get("bounds")
+    where = (f"Cramér–Rao bounds on {bounds['n']} held-out patterns ({bounds['source']})" if bounds
+             else "no Cramér–Rao bounds (--bounds 0)")
+    typer.echo(f"\nheld-out R² and MAE against the best the library's noise allows; {where}:")
+    typer.echo(format_table(bounds_table(entry)))
 
 
 def _train_signature() -> dict[str, bool]:

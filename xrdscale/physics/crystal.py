@@ -106,6 +106,12 @@ class Phase:
     source: str = ""
     composition: tuple[dict[str, float], float] | None = field(default=None, repr=False)
 
+    # -- pickling (gemmi structures do not pickle: a phase travels as its CIF text) ----
+    def __reduce__(self) -> tuple:
+        text = self.structure.make_cif_block().as_string()
+        return (_phase_from_state, (self.name, text, self.system, dict(self.cell_contents), self.source,
+                                    self.composition))
+
     # -- construction ---------------------------------------------------------------
     @classmethod
     def from_cif(cls, path: str, name: str | None = None) -> Phase:
@@ -372,3 +378,11 @@ def builtin_phase(name: str) -> Phase | AmorphousPeak:
     if name == SEPARATOR.name:
         return AmorphousPeak(SEPARATOR.name, q=SEPARATOR.q, fwhm=SEPARATOR.fwhm)
     return Phase.from_cif(builtin_cif(name), name)
+
+
+def _phase_from_state(name: str, cif_text: str, system: str, cell_contents: dict[str, float], source: str,
+                      composition: tuple[dict[str, float], float] | None) -> Phase:
+    """Rebuild a pickled :class:`Phase` from the CIF text of its structure."""
+    small = gemmi.make_small_structure_from_block(gemmi.cif.read_string(cif_text).sole_block())
+    return Phase(name=name, structure=small, system=system, cell_contents=cell_contents, source=source,
+                 composition=composition)

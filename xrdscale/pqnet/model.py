@@ -20,6 +20,15 @@ targets; the outputs are un-standardised and every ``scale`` output is multiplie
 ``n`` again. A pattern ``k`` times stronger therefore gives ``k`` times the scale
 factors and the same lattice parameters and crystallite sizes.
 
+Scale factors are non-negative by construction (:attr:`ModelSpec.nonnegative_scale`): the
+un-standardised output of a scale route is a sharp softplus of the route's affine output,
+``scale / n = softplus_β(r · std + mean)`` with ``β = 10 / std``, so the transition to zero is
+about a tenth of the target's standard deviation wide and the output is the identity (to
+``e⁻¹⁰``) wherever it is more than ``std`` above zero. :meth:`PQNet.standardised` returns
+``(scale / n − mean) / std`` of that output, so training (MAE on standardised targets) is
+unchanged in form. Entries written before this option keep their affine scale outputs
+(:meth:`ModelSpec.from_dict` reads a missing key as False).
+
 The absolute units are those of the pattern model of shared/DESIGN.md,
 ``I_hkl = scale · m|F|² · LP / V²`` (:mod:`xrdscale.physics.pattern`), and they are the
 library's: the network learns ``scale / n`` from library patterns, so its scale factors are
@@ -71,6 +80,9 @@ class ModelSpec:
         Intensity constant K of the pattern model of the training library
         (``I_hkl = K · scale · m|F|² · LP / V²``): :data:`xrdscale.physics.constants.INTENSITY_UNIT`
         (1), the only one a :class:`PQNet` accepts.
+    nonnegative_scale : bool
+        Scale outputs through a sharp softplus (≥ 0 by construction, see the module docstring);
+        False for the affine outputs of models trained before the option existed.
     """
 
     phases: tuple[str, ...]
@@ -85,6 +97,7 @@ class ModelSpec:
     phase_kernels: tuple[int, ...] = (3, 3, 3)
     dropout: float = 0.1
     intensity_unit: float = INTENSITY_UNIT
+    nonnegative_scale: bool = True
 
     def to_dict(self) -> dict:
         """JSON-serialisable form."""
@@ -96,6 +109,9 @@ class ModelSpec:
     def from_dict(cls, d: dict) -> ModelSpec:
         """Inverse of :meth:`to_dict`.
 
+        A ``d`` without ``nonnegative_scale`` (an entry written before the option) gets False:
+        its members were trained with affine scale outputs and keep them.
+
         Raises
         ------
         ValueError
@@ -103,6 +119,7 @@ class ModelSpec:
             on libraries with K = 10⁻², whose scale factors would be 100 times the contract's.
         """
         d = dict(d)
+        d.setdefault("nonnegative_scale", False)
         if "intensity_unit" not in d:
             raise ValueError("the network was trained on patterns of the old intensity constant K = 1e-2 (it records "
                              "no intensity_unit), so its scale factors would be 100 times those of the pattern "
@@ -142,6 +159,8 @@ class PQNet(nn.Module):
     target_mean: torch.Tensor
     target_std: torch.Tensor
     scale_mask: torch.Tensor
+    softplus_mask: torch.Tensor
+    softplus_offset: torch.Tensor
 
     def __init__(self, spec: ModelSpec) -> None:
         super().__init__()
@@ -186,9 +205,14 @@ class PQNet(nn.Module):
         self.register_buffer("target_mean", torch.tensor(spec.target_mean, dtype=torch.float32), persistent=False)
         self.register_buffer("target_std", torch.tensor(spec.target_std, dtype=torch.float32), persistent=False)
         self.register_buffer("scale_mask", torch.tensor(spec.scale_mask, dtype=torch.bool), persistent=False)
+        softplus = [m and spec.nonnegative_scale for m in spec.scale_mask]
+        self.register_buffer("softplus_mask", torch.tensor(softplus, dtype=torch.bool), persistent=False)
+        # mean / std of each route: in standardised units the scale output is zero at -mean/std
+        offset = [mu / sd if sp else 0.0 for mu, sd, sp in zip(spec.target_mean, spec.target_std, softplus)]
+        self.register_buffer("softplus_offset", torch.tensor(offset, dtype=torch.float32), persistent=False)
 
-    def standardised(self, x: torch.Tensor) -> torch.Tensor:
-        """Network output on normalised patterns ``(batch, npt)``: standardised targets."""
+    def raw_outputs(self, x: torch.Tensor) -> torch.Tensor:
+        """The affine outputs ``r`` of the routes on normalised patterns ``(batch, npt)``, before the output layer."""
         b = x.shape[0]
         h = self.pattern_block(x.unsqueeze(1))
         h = self.phase_blocks(h)                                    # (b, P*C, L)
@@ -198,10 +222,30 @@ class PQNet(nn.Module):
         h = self.dropout(torch.relu(h))
         return (h * self.w2).sum(-1) + self.b2                      # (b, R)
 
+    def standardised(self, x: torch.Tensor) -> torch.Tensor:
+        """Network output on normalised patterns ``(batch, npt)``: standardised targets.
+
+        The routes' affine outputs ``r``, with the sharp softplus of the scale routes when
+        :attr:`ModelSpec.nonnegative_scale`: in standardised units ``t = r + mean/std``,
+        ``softplus_β(t · std) / std = softplus(10 t) / 10``, so the output is
+        ``softplus(10 (r + mean/std)) / 10 − mean/std`` (≥ ``−mean/std``, i.e. scale ≥ 0).
+        """
+        r = self.raw_outputs(x)
+        if not self.spec.nonnegative_scale:
+            return r
+        return torch.where(self.softplus_mask, self._softplus(r) - self.softplus_offset, r)
+
+    def _softplus(self, r: torch.Tensor) -> torch.Tensor:
+        """``softplus(10 (r + mean/std)) / 10``: the scale output over its std (≥ 0)."""
+        return nn.functional.softplus(10.0 * (r + self.softplus_offset)) / 10.0
+
     def forward(self, patterns: torch.Tensor) -> torch.Tensor:
         """Outputs in absolute units for raw patterns ``(batch, npt)``."""
         norm = pattern_norm(patterns)
-        y = self.standardised(patterns / norm) * self.target_std + self.target_mean
+        r = self.raw_outputs(patterns / norm)
+        y = r * self.target_std + self.target_mean
+        if self.spec.nonnegative_scale:  # std · softplus: ≥ 0 exactly (no −mean + mean rounding)
+            y = torch.where(self.softplus_mask, self._softplus(r) * self.target_std, y)
         return torch.where(self.scale_mask, y * norm, y)
 
 

@@ -6,6 +6,13 @@ a :class:`~xrdscale.pqnet.serve.ServerPool` and returns mean and standard deviat
 ``maps`` store (shared/DESIGN.md) gets ``scale``, ``a``, ``c``, ``size`` with ``<name>_std``
 over (phase, y, x) — or (phase, frame) for a ``patterns`` store — NaN where the model does
 not predict a parameter for a phase. No pattern passes through the driver.
+
+The same tasks compute the quality maps of :mod:`xrdscale.pqnet.quality` over the pixel dims:
+``rwp`` and ``chi2`` of the pattern implied by each pixel's ensemble-mean parameters, and the
+``ood`` bit mask (1 residual, 2 ensemble spread, 4 range edge; documented in its attrs). Their
+reference levels come from a few hundred held-out library patterns sent through the same
+actors before the maps are computed. A model whose phase library cannot be rebuilt gets no
+quality maps (one warning).
 """
 
 from __future__ import annotations
@@ -18,6 +25,7 @@ import xarray as xr
 
 from xrdscale.exceptions import InputError
 from xrdscale.io import storage
+from xrdscale.pqnet import quality as quality_
 from xrdscale.pqnet.registry import open_entry
 from xrdscale.pqnet.serve import ServerPool, actor_handles, predict_batches, serving
 
@@ -53,7 +61,7 @@ def interpolation(q_data: np.ndarray, q_model: np.ndarray, what: str) -> tuple[n
 
 
 def _predict_block(block: np.ndarray, hi: np.ndarray, w: np.ndarray, names: list[str], address: str | None,
-                   batch: int, what: str, block_info=None) -> np.ndarray:
+                   batch: int, what: str, quality: quality_.QualityModel | None = None, block_info=None) -> np.ndarray:
     loc = block_info[0]["array-location"] if block_info else [(0, 0)] * block.ndim
     pix_shape = block.shape[:-1]
     x = np.asarray(block, dtype=np.float32).reshape(-1, block.shape[-1])
@@ -67,13 +75,16 @@ def _predict_block(block: np.ndarray, hi: np.ndarray, w: np.ndarray, names: list
                          f"({int(bad.sum())} bad pattern(s) in this chunk); mask or repair them before predicting")
     handles = actor_handles(names, address)
     mean, std = predict_batches(handles, x, batch=batch, offset=int(loc[0][0]))
-    out = np.concatenate([mean, std], axis=1).astype(np.float32)
+    parts = [mean, std]
+    if quality is not None:
+        parts.append(quality.assess(x, mean, std))
+    out = np.concatenate(parts, axis=1).astype(np.float32)
     return out.reshape(*pix_shape, out.shape[1])
 
 
 def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch: int = 4096, engine: str = "onnx",
             device: str = "auto", threads: int = 1, members: int | None = None, pool: ServerPool | None = None,
-            client=None, progress: bool = False) -> str:
+            client=None, progress: bool = False, quality: quality_.QualitySettings | None = None) -> str:
     """Predict the ``maps`` store of a ``volume`` or ``patterns`` store with a PQ-Net ensemble.
 
     Parameters
@@ -102,6 +113,8 @@ def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch
         Dask client; the current/default scheduler otherwise.
     progress : bool
         Show progress (a bar in a terminal, else a log line every few seconds).
+    quality : QualitySettings, optional
+        Thresholds of the ``ood`` flag (defaults of :class:`~xrdscale.pqnet.quality.QualitySettings`).
 
     Returns
     -------
@@ -120,7 +133,7 @@ def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch
     def body() -> str:
         ds = storage.open_store(in_url)
         with serving(model_url, pool, **options) as served:
-            maps = predict_maps(ds, entry, served, batch=batch, what=storage.redact(in_url))
+            maps = predict_maps(ds, entry, served, batch=batch, what=storage.redact(in_url), quality=quality)
             maps.attrs.update(model=storage.redact(model_url), source=storage.redact(in_url))
             config = {"model": storage.redact(model_url), "model_id": entry.id, "input": storage.redact(in_url),
                       "actors": len(served.names), "batch": batch, "engine": engine, "device": served.device,
@@ -131,10 +144,28 @@ def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch
     return guarded(out_url, body)
 
 
-def predict_maps(ds: xr.Dataset, entry, pool: ServerPool, *, batch: int = 4096, what: str = "input") -> xr.Dataset:
+def predict_maps(ds: xr.Dataset, entry, pool: ServerPool, *, batch: int = 4096, what: str = "input",
+                 quality: quality_.QualitySettings | bool | None = None, phases=None) -> xr.Dataset:
     """The lazy ``maps`` Dataset of a ``volume`` or ``patterns`` Dataset, from the actors of ``pool``.
 
     Compute it while ``pool`` runs. ``attrs`` name the model and the ensemble size used.
+
+    Parameters
+    ----------
+    ds : xarray.Dataset
+        A ``volume`` or ``patterns`` Dataset.
+    entry : ModelEntry
+        The registry entry ``pool`` serves.
+    pool : ServerPool
+        Running actors.
+    batch : int
+        Patterns per actor call.
+    what : str
+        The input, as named in error messages.
+    quality : QualitySettings or bool, optional
+        Thresholds of the ``ood`` flag (None or True: the defaults); False: no quality maps.
+    phases : mapping, optional
+        Phase objects for structures the entry's phase library cannot build from its text.
 
     Raises
     ------
@@ -160,10 +191,38 @@ def predict_maps(ds: xr.Dataset, entry, pool: ServerPool, *, batch: int = 4096, 
     else:
         arr = arr.rechunk((min(per, arr.shape[0]), nq))
     routes = entry.spec.routes
-    pred = da.map_blocks(_predict_block, arr, hi, w, pool.names, pool.address, batch, what,
-                         dtype=np.float32, chunks=(*arr.chunks[:-1], (2 * len(routes),)))
+    qm = None
+    if quality is not False:
+        settings = quality if isinstance(quality, quality_.QualitySettings) else None
+        handles = actor_handles(pool.names, pool.address)
+        qm = quality_.calibrate(entry, lambda x: predict_batches(handles, x, batch=batch), phases=phases,
+                                settings=settings)
+    n_out = 2 * len(routes) + (len(quality_.CHANNELS) if qm is not None else 0)
+    pred = da.map_blocks(_predict_block, arr, hi, w, pool.names, pool.address, batch, what, qm,
+                         dtype=np.float32, chunks=(*arr.chunks[:-1], (n_out,)))
     maps = _assemble(pred, routes, entry.spec.phases, pix_dims, ds)
+    if qm is not None:
+        maps = _with_quality(maps, pred[..., 2 * len(routes):], pix_dims, qm)
     maps.attrs.update(model_id=entry.id, source_stage=stage or "", ensemble=int(pool.members))
+    return maps
+
+
+def _with_quality(maps: xr.Dataset, q: da.Array, pix_dims, qm: quality_.QualityModel) -> xr.Dataset:
+    """Add ``rwp``, ``chi2`` and ``ood`` (pixel dims) from the quality channels of the prediction array."""
+    maps = maps.assign(rwp=(pix_dims, q[..., 0]), chi2=(pix_dims, q[..., 1]),
+                       ood=(pix_dims, q[..., 2].astype(np.uint8)))
+    maps["rwp"].attrs.update(long_name="weighted profile R factor of the implied pattern",
+                             description="sqrt(sum w (y - yhat)^2 / sum w y^2), yhat the pattern model at the "
+                                         "ensemble-mean parameters plus a least-squares Chebyshev background")
+    maps["chi2"].attrs.update(long_name="reduced chi-squared of the implied pattern",
+                              description="sum w (y - yhat)^2 / (N - P), P = outputs + background terms")
+    bits = sorted(quality_.OOD_BITS)
+    maps["ood"].attrs.update(long_name="out-of-distribution bit mask", flag_masks=bits,
+                             flag_meanings=" ".join(quality_.OOD_BITS[b] for b in bits),
+                             description="1: rwp above k sqrt(R_exp^2 + R_model^2); 2: ensemble std above its "
+                                         "held-out level; 4: a lattice parameter or size at or beyond the edge of "
+                                         "its training range (see xrdscale.pqnet.quality)")
+    maps.attrs.update(qm.attrs())
     return maps
 
 

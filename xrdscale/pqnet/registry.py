@@ -9,6 +9,13 @@ Layout of an entry (``MODEL_URL``)::
     members/member_NNN.onnx its ONNX export
     .xrdscale-complete      written last (storage.mark_complete), names the id
 
+``metrics`` (from :func:`xrdscale.pqnet.train.train_ensemble`) holds ``n_test`` and, per
+output ``PHASE.PARAM`` in ``outputs``, the network's held-out ``r2``, ``mae``, ``mean_std``
+and ``n`` beside its Cramér–Rao ``r2_bound``, ``mae_bound`` (plus ``r2_crb``, ``n_bound``,
+``crb_capped``), ``accepted`` and ``weakly_determined``; ``metrics["bounds"]`` says what the
+bounds were computed on (None when skipped). Entries written before the bounds lack those
+keys; :func:`xrdscale.pqnet.identifiability.bounds_table` reads either kind.
+
 The id is a content hash: sha256 over the spec, the q grid, the phase library and the
 checksums of every member file. Loading verifies the marker and every checksum, so a
 partial or corrupted entry is refused with a message naming the bad file.

@@ -6,7 +6,10 @@ member trains with the paper's recipe (MAE on standardised targets, Adam, batch 
 learning rate 5e-4, early stopping with patience 5) from its own seed; members run as
 Ray tasks in parallel (one GPU each where there are GPUs) or one after the other in this
 process. Training data stream from the store in windows, so memory stays bounded for
-libraries of any size. The ensemble's test metrics go into the registry entry.
+libraries of any size. The ensemble's test metrics go into the registry entry, each output's
+beside its Cramér–Rao bound on the same held-out patterns (the best R² and MAE the library's
+noise allows; :mod:`xrdscale.pqnet.identifiability`), whether it is accepted and whether the
+data determine it only weakly.
 
 Every epoch of every member is logged at INFO (logger ``xrdscale.pqnet.train``) while it
 trains: epoch i/N, training and validation loss, time per epoch and the time left. Members
@@ -28,9 +31,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from xrdscale.exceptions import ConfigError, InputError
+from xrdscale.exceptions import ConfigError, InputError, XrdscaleError
 from xrdscale.io import storage
-from xrdscale.pqnet import registry
+from xrdscale.pqnet import identifiability, registry
 from xrdscale.pqnet.engine import Ensemble, export_onnx
 from xrdscale.pqnet.library import label_var, open_library
 from xrdscale.pqnet.model import ModelSpec, PQNet, pattern_norm
@@ -257,25 +260,53 @@ def _r2(true: np.ndarray, pred: np.ndarray) -> float:
 
 
 def evaluate(ensemble: Ensemble, ds, routes: list[tuple[str, str]], sl: slice) -> dict:
-    """Held-out metrics of an ensemble: R² and MAE per output, mean ensemble std."""
-    preds, stds, trues = [], [], []
+    """Held-out metrics of an ensemble: R², MAE and mean ensemble std per output.
+
+    A lattice or size output of a phase is scored on the patterns that contain the phase
+    (scale > 0) only: where it is absent its label is a draw the pattern says nothing
+    about. ``n`` is the number of patterns scored for each output.
+    """
+    preds, stds, trues, present = [], [], [], []
+    absent_of = sorted({p for p, k in routes if k != "scale"})
     for s in range(sl.start, sl.stop, WINDOW):
-        x, y = _read(ds, routes, slice(s, min(s + WINDOW, sl.stop)))
+        part = slice(s, min(s + WINDOW, sl.stop))
+        x, y = _read(ds, routes, part)
         m, sd = ensemble.predict(x)
         preds.append(m)
         stds.append(sd)
         trues.append(y)
+        present.append({p: np.asarray(ds[label_var(p, "scale")][part].values) > 0 for p in absent_of})
     pred, std, true = (np.concatenate(v) for v in (preds, stds, trues))
     out: dict[str, dict[str, float]] = {}
     for j, (p, k) in enumerate(routes):
-        out[f"{p}.{k}"] = {"r2": _r2(true[:, j], pred[:, j]), "mae": float(np.abs(true[:, j] - pred[:, j]).mean()),
-                           "mean_std": float(std[:, j].mean())}
+        ok = np.concatenate([d[p] for d in present]) if k != "scale" else np.ones(len(true), dtype=bool)
+        t, pr = true[ok, j], pred[ok, j]
+        out[f"{p}.{k}"] = {"r2": _r2(t, pr) if t.size else float("nan"),
+                           "mae": float(np.abs(t - pr).mean()) if t.size else float("nan"),
+                           "mean_std": float(std[ok, j].mean()) if t.size else float("nan"), "n": int(ok.sum())}
     return {"n_test": int(sl.stop - sl.start), "outputs": out}
+
+
+def held_out_bounds(ds, routes: list[tuple[str, str]], test_sl: slice, n: int) -> identifiability.Bounds | None:
+    """Cramér–Rao bounds of the outputs on the first ``n`` held-out patterns (None: not computed).
+
+    See :mod:`xrdscale.pqnet.identifiability`; a library whose phase library cannot be
+    rebuilt here (e.g. a CIF file no longer where it was) gets no bounds and a WARNING.
+    """
+    if n <= 0:
+        return None
+    idx = np.arange(test_sl.start, min(test_sl.stop, test_sl.start + n))
+    try:
+        return identifiability.held_out_bounds(ds, idx, routes)
+    except XrdscaleError as exc:
+        logger.warning("no Cramér–Rao bounds for this model: %s", exc)
+        return None
 
 
 def train_ensemble(library_url: str, model_url: str, *, ensemble: int = 10, epochs: int = 35, batch: int = 32,
                    lr: float = 5e-4, patience: int = 5, outputs: list[str] | None = None, device: str = "auto",
-                   parallel: bool = True, seed: int = 0, model_options: dict | None = None) -> str:
+                   parallel: bool = True, seed: int = 0, model_options: dict | None = None,
+                   bounds: int = 256) -> str:
     """Train a deep ensemble on a library store and write its registry entry.
 
     Parameters
@@ -300,6 +331,11 @@ def train_ensemble(library_url: str, model_url: str, *, ensemble: int = 10, epoc
         Member ``i`` uses seed ``seed + i``.
     model_options : dict, optional
         Architecture widths (``pattern_channels``, ``phase_channels``, ``hidden``, kernels).
+    bounds : int
+        Held-out patterns to compute the Cramér–Rao bounds of every output on
+        (:mod:`xrdscale.pqnet.identifiability`); 0 skips them. Each output's metrics then
+        hold ``r2_bound``, ``mae_bound``, ``accepted`` and ``weakly_determined`` beside
+        ``r2`` and ``mae`` (see :func:`xrdscale.pqnet.identifiability.bounds_table`).
 
     Returns
     -------
@@ -308,6 +344,8 @@ def train_ensemble(library_url: str, model_url: str, *, ensemble: int = 10, epoc
     """
     if ensemble < 1 or epochs < 1 or batch < 1:
         raise ConfigError(f"ensemble={ensemble}, epochs={epochs}, batch={batch}: each must be at least 1")
+    if bounds < 0:
+        raise ConfigError(f"bounds={bounds}: give the number of held-out patterns to bound (0 skips the bounds)")
     device = resolve_device(device, what="pqnet train")
     ds, labels = open_library(library_url)
     train_sl, _, test_sl = split(ds.sizes["sample"])
@@ -330,9 +368,11 @@ def train_ensemble(library_url: str, model_url: str, *, ensemble: int = 10, epoc
             net.load_state_dict(torch.load(io.BytesIO(m.state), weights_only=True))
             models.append(net.eval())
     metrics = evaluate(Ensemble(models, [m.onnx for m in members]), ds, routes, test_sl)
+    metrics = identifiability.merge(metrics, held_out_bounds(ds, routes, test_sl, bounds))
     config = {"library": storage.redact(library_url), "library_id": ds.attrs.get("created"), "ensemble": ensemble,
               "epochs": epochs, "batch": batch, "lr": lr, "patience": patience, "device": device, "seed": seed,
-              "n_library": int(ds.sizes["sample"]), "split": [train_sl.stop, test_sl.start, test_sl.stop]}
+              "bounds": bounds, "n_library": int(ds.sizes["sample"]),
+              "split": [train_sl.stop, test_sl.start, test_sl.stop]}
     q = np.asarray(ds["q"].values)
     return registry.write_entry(model_url, spec=spec, q=q, phases_yaml=ds.attrs["phases_yaml"], members=members,
                                 metrics=metrics, config=config)

@@ -130,6 +130,20 @@ STAGES: tuple[StageDef, ...] = (
         Param("out", "ct-roughness store to write (height maps, R_a, volume fractions; roughness.csv inside)."),
     ), "Segment a cell volume; anode/SPE and cathode/SPE height maps, R_a (ISO 4287), volume fractions.",
         group="ct"),
+    StageDef("run", "xrdscale.stages.fit:FitConfig", "xrdscale.stages.fit:fit_maps", (
+        Param("source", "PQ-Net model registry entry (its predictions start the fit) or phase-library YAML."),
+        Param("data", "Patterns (frame, q) or volume (y, x, q) store to fit."),
+        Param("out", "Output maps store (scale, a, c, size with _std, rwp, chi2, converged, iterations)."),
+        Param("phases", "Phase library to fit with, when SOURCE is a model (default: the model's).", option=True,
+              required=False),
+    ), "Full-profile fit (batched Levenberg-Marquardt in torch) of every pixel: the reference for PQ-Net.",
+        exclude=frozenset({"enabled"}), group="fit"),
+    StageDef("compare", "xrdscale.stages.fit:FitCompareConfig", "xrdscale.stages.fit:fit_compare", (
+        Param("maps_a", "First maps store (e.g. from `xrdscale fit run`)."),
+        Param("maps_b", "Second maps store (e.g. from `xrdscale analyse`)."),
+        Param("out", "Output store: <name>_diff maps (a - b) and compare.csv (bias, MAE, fraction beyond sigma)."),
+    ), "Compare two maps stores: difference maps and per phase and parameter bias, MAE, disagreement.",
+        group="fit"),
 )
 
 

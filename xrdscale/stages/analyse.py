@@ -1,8 +1,9 @@
 """The ``analyse`` stage: PQ-Net maps with weight fractions, from a volume or patterns store.
 
 One lazy composition, written once: :func:`xrdscale.pqnet.predict.predict_maps` (the
-deep ensemble on Ray actors, mean and standard deviation per pixel) and
-:func:`xrdscale.analysis.fractions.with_weight_fractions` (Hill & Howard), computed chunk
+deep ensemble on Ray actors, mean and standard deviation per pixel, and in the same tasks
+the quality maps ``rwp``, ``chi2`` and the ``ood`` bit mask of :mod:`xrdscale.pqnet.quality`)
+and :func:`xrdscale.analysis.fractions.with_weight_fractions` (Hill & Howard), computed chunk
 by chunk while the actors run. No scratch store.
 """
 
@@ -41,6 +42,23 @@ class AnalyseConfig(StageConfig):
     device: Device = runtime_field("auto", "actor device (auto: a GPU per "
                                                                               "actor when Ray has GPUs)")
     threads: int = runtime_field(1, "CPU threads per actor", ge=1)
+    quality: bool = Field(True, description="residual (rwp, chi2) and out-of-distribution (ood) maps of the "
+                                            "pattern implied by each pixel's prediction")
+    ood_residual_factor: float = Field(2.0, gt=0, description="ood bit 1: rwp above this times sqrt(R_exp² + "
+                                                               "R_model²) (R_model: held-out library misfit)")
+    ood_spread_factor: float = Field(1.5, gt=0, description="ood bit 2: ensemble spread score above this times "
+                                                             "its held-out 99th percentile")
+    ood_edge: float = Field(0.01, ge=0, lt=0.5, description="ood bit 4: fraction of a lattice/size range's "
+                                                            "width that counts as its edge")
+
+    def quality_settings(self) -> Any:
+        """The :class:`~xrdscale.pqnet.quality.QualitySettings` of these settings, or False without quality maps."""
+        from xrdscale.pqnet.quality import QualitySettings
+
+        if not self.quality:
+            return False
+        return QualitySettings(residual_factor=self.ood_residual_factor, spread_factor=self.ood_spread_factor,
+                               edge=self.ood_edge)
 
 
 def analyse(model_url: str, in_url: str, out_url: str, *, phases: Mapping[str, Any] | None = None,
@@ -57,10 +75,11 @@ def analyse(model_url: str, in_url: str, out_url: str, *, phases: Mapping[str, A
     out_url : str
         Destination ``maps`` store.
     phases : mapping, optional
-        Phase name → phase object, for weight fractions of phases that are not built in.
+        Phase name → phase object, for weight fractions of phases that are not built in (and
+        for the quality maps, structures the model's phase library cannot build from its text).
     config : AnalyseConfig, optional
-        ``ensemble``, ``actors``, ``batch``, ``engine``, ``device``, ``threads``; keyword
-        ``settings`` of the same names override it.
+        ``ensemble``, ``actors``, ``batch``, ``engine``, ``device``, ``threads``, ``quality``
+        and the ``ood_*`` thresholds; keyword ``settings`` of the same names override it.
     pool : ServerPool, optional
         Running actors of this model (left running); default: started and stopped here.
     client : distributed.Client, optional
@@ -85,7 +104,8 @@ def analyse(model_url: str, in_url: str, out_url: str, *, phases: Mapping[str, A
         ds = storage.open_store(in_url)
         with serving(model_url, pool, actors=cfg.actors, engine=cfg.engine, device=cfg.device,
                      threads=cfg.threads, members=cfg.ensemble) as actors:
-            maps = predict_maps(ds, entry, actors, batch=cfg.batch, what=storage.redact(in_url))
+            maps = predict_maps(ds, entry, actors, batch=cfg.batch, what=storage.redact(in_url),
+                                quality=cfg.quality_settings(), phases=phases)
             maps = with_weight_fractions(maps, phases)
             maps.attrs.update(model=storage.redact(model_url), source=storage.redact(in_url))
             record = {**cfg.record(), "ensemble": int(actors.members), "ensemble_requested": cfg.ensemble,

@@ -37,7 +37,7 @@ class ReportConfig(StageConfig):
 def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None = None, title: str = "xrdscale report",
            model: Mapping[str, Any] | None = None, phases: Mapping[str, Any] | None = None,
            progress: bool = True, cdi: Sequence[str] = (), xcs: Sequence[str] = (), roughness: Sequence[str] = (),
-           **settings: Any) -> str:
+           fits: Mapping[str, str] | None = None, **settings: Any) -> str:
     """Write the report folder ``out_url`` (``report.html``, figures, ROI table), marker last.
 
     Parameters
@@ -62,6 +62,9 @@ def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None 
         Compton-imaging ``xcs`` stores, one report section each.
     roughness : sequence of str
         ``ct-roughness`` stores (one per state), one report section together (Table 2).
+    fits : mapping, optional
+        Dataset id → its ``fit compare`` store (the full-profile fit against PQ-Net), one
+        report section together.
 
     Returns
     -------
@@ -75,7 +78,7 @@ def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None 
     def body() -> str:
         write_report(entries, out_url, title=title, model=model, rois=cfg.rois, centre=cfg.centre,
                      pitch=cfg.pitch or None, phases=phases, progress=progress, cdi=cdi,
-                     xcs=xcs, roughness=roughness)
+                     xcs=xcs, roughness=roughness, fits=fits or {})
         storage.mark_complete(out_url, {"stage": "report", "config": cfg.record()})
         return out_url
 

@@ -43,6 +43,8 @@ class TrainConfig(StageConfig):
                                                         "default: every label of the phase library")
     device: Device = runtime_field("auto", "training device")
     parallel: bool = runtime_field(True, "train the members as parallel Ray tasks (else one after another)")
+    bounds: int = runtime_field(256, "held-out patterns to compute each output's Cramér–Rao bound on (best "
+                                "achievable R² and MAE, stored with the model's metrics); 0 skips them", ge=0)
 
     def library(self) -> dict[str, Any]:
         """The settings that make the library."""
@@ -67,4 +69,5 @@ def train(library_url: str, model_url: str, config: TrainConfig) -> str:
 
     return train_ensemble(library_url, model_url, ensemble=config.ensemble, epochs=config.epochs,
                           batch=config.batch, lr=config.lr, patience=config.patience, outputs=config.outputs,
-                          device=config.device, parallel=config.parallel, seed=config.seed)
+                          device=config.device, parallel=config.parallel, seed=config.seed,
+                          bounds=config.bounds)

@@ -1,0 +1,111 @@
+"""Fitting a batch of patterns: start values, the LM of :mod:`xrdscale.fitting.lm`, NaN for empty pixels.
+
+Start values: the non-linear parameters (lattice, size, peak position/width) from PQ-Net's
+predictions where given, else the library's midpoints; then, at those, the linear ones (scales
+and background) by weighted bounded linear least squares per pixel (scales ≥ 0: non-negative
+least squares of the phase patterns and the Chebyshev polynomials).
+"""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import torch
+from scipy import optimize
+
+from xrdscale.fitting.lm import LMResult, levenberg_marquardt, poisson_weights
+from xrdscale.fitting.torch_model import PatternModel
+
+logger = logging.getLogger(__name__)
+
+
+def linear_start(model: PatternModel, y: torch.Tensor, theta: torch.Tensor,
+                 windows: list[torch.Tensor]) -> torch.Tensor:
+    """θ with its linear parameters solved by weighted bounded least squares at its non-linear ones.
+
+    Parameters
+    ----------
+    model : PatternModel
+        The pattern model.
+    y : torch.Tensor (B, npt)
+        Patterns (NaN points carry no weight).
+    theta : torch.Tensor (B, P)
+        Non-linear parameters (the linear entries are replaced).
+    windows : list of torch.Tensor
+        Peak windows of the fit (:meth:`PatternModel.fit_windows`).
+
+    Returns
+    -------
+    torch.Tensor (B, P)
+    """
+    linear = [j for j, p in enumerate(model.params) if p.linear]
+    lo = np.array([model.params[j].lower for j in linear])
+    hi = np.array([model.params[j].upper for j in linear])
+    design = np.empty((theta.shape[0], model.npt, len(linear)))
+    with torch.no_grad():
+        for s in range(0, theta.shape[0], 64):
+            th = theta[s:s + 64].clone()
+            win = [wd[s:s + 64] for wd in windows]
+            for col, j in enumerate(linear):
+                th[:, linear] = 0.0
+                th[:, j] = 1.0
+                design[s:s + 64, :, col] = model(th, win).cpu().numpy()
+    sw = torch.sqrt(poisson_weights(y)).cpu().numpy()
+    yv = np.nan_to_num(y.cpu().numpy())
+    out = theta.clone()
+    for b in range(theta.shape[0]):
+        a = design[b] * sw[b, :, None]
+        norm = np.linalg.norm(a, axis=0)
+        norm = np.where(norm > 0, norm, 1.0)
+        sol = optimize.lsq_linear(a / norm, yv[b] * sw[b], bounds=(lo * norm, hi * norm), method="bvls")
+        out[b, linear] = torch.as_tensor(sol.x / norm, dtype=theta.dtype, device=theta.device)
+    return out
+
+
+def fit_batch(model: PatternModel, y: np.ndarray, start: np.ndarray | None = None, *, max_iterations: int = 100,
+              tol: float = 1e-4, block: int = 64) -> LMResult:
+    """Fit patterns ``(B, npt)`` on the model's q grid; empty pixels (all NaN or all zero) get NaN.
+
+    Parameters
+    ----------
+    model : PatternModel
+        The pattern model (its dtype and device are used).
+    y : ndarray (B, npt)
+        Patterns in counts (or proportional to counts).
+    start : ndarray (B, P), optional
+        Start values of the non-linear parameters (NaN: the library's midpoint); default midpoints.
+        They are clamped into the box; the linear ones are solved (:func:`linear_start`).
+    max_iterations, tol
+        Of :func:`xrdscale.fitting.lm.levenberg_marquardt`.
+    block : int
+        Pixels per Jacobian evaluation.
+
+    Returns
+    -------
+    LMResult
+        ``converged`` False and ``iterations`` 0 for empty pixels.
+    """
+    y = np.asarray(y, dtype=float)
+    n, p = y.shape[0], model.n_params
+    finite = np.isfinite(y)
+    empty = ~finite.any(axis=1) | (np.nan_to_num(y) == 0).all(axis=1)
+    result = LMResult(params=np.full((n, p), np.nan), std=np.full((n, p), np.nan), rwp=np.full(n, np.nan),
+                      chi2=np.full(n, np.nan), converged=np.zeros(n, dtype=bool), iterations=np.zeros(n, dtype=int))
+    keep = np.flatnonzero(~empty)
+    if keep.size == 0:
+        return result
+    theta0 = np.tile(model.midpoint(), (keep.size, 1))
+    if start is not None:
+        given = np.asarray(start, dtype=float)[keep]
+        theta0 = np.where(np.isfinite(given), given, theta0)
+    t = torch.as_tensor(theta0, dtype=model.dtype, device=model.device)
+    t = torch.clamp(t, model.lower, model.upper)
+    yt = torch.as_tensor(y[keep], dtype=model.dtype, device=model.device)
+    windows = model.fit_windows(t)
+    t = linear_start(model, yt, t, windows)
+    res = levenberg_marquardt(lambda th, aux: model(th, aux), yt, t, model.lower, model.upper, aux=windows,
+                              max_iterations=max_iterations, tol=tol, block=block)
+    for name in ("params", "std", "rwp", "chi2", "converged", "iterations"):
+        getattr(result, name)[keep] = getattr(res, name)
+    return result
