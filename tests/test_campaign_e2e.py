@@ -117,7 +117,8 @@ def test_every_pipeline_setting_reaches_its_stage(beamtime, tmp_path):
     assert result.maps["d1"] == stores["analyse"]  # the fit checks the maps; they stay the dataset's result
     report = tmp_path / "work" / "report"
     assert storage.is_complete(str(report))
-    assert "Full-profile fit against PQ-Net" in (report / "report.html").read_text()
+    html = (report / "report.html").read_text()
+    assert "Full-profile fit against PQ-Net" in html and "Cramér–Rao bound" in html
     assert storage.read_marker(str(report))["config"]["pitch"] == 0.5
     model = [p for p in (tmp_path / "work").rglob("model*") if p.is_dir()]
     assert model, list((tmp_path / "work").iterdir())

@@ -293,8 +293,14 @@ def _provenance(doc: _Doc, entries: Sequence[DatasetEntry], maps: Mapping[str, x
              "maps written by xrdscale": maps[e.id].attrs.get("xrdscale_version", "–"),
              **{f"hash {k}": v for k, v in dict(e.hashes).items()}} for e in entries]
     doc.table(pd.DataFrame(rows), "Inputs of every dataset")
-    doc.table(pd.DataFrame([{"key": k, "value": str(v)} for k, v in dict(model or {"model": "not given"}).items()]),
-              "Model")
+    info = dict(model or {"model": "not given"})
+    metrics = info.pop("metrics", None)
+    doc.table(pd.DataFrame([{"key": k, "value": str(v)} for k, v in info.items()]), "Model")
+    if metrics:
+        from xrdscale.pqnet.identifiability import bounds_table
+
+        doc.table(bounds_table(metrics), "Held-out accuracy of every output beside its Cramér–Rao bound (the best an "
+                  "unbiased estimator can reach at the library's noise); weakly determined: bound below 0.9")
     versions = [{"package": "xrdscale", "version": __version__},
                 {"package": "python", "version": platform.python_version()}]
     for pkg in VERSIONED:

@@ -302,7 +302,11 @@ def _run_report(call: StageCall) -> None:
         cycle, ds = by_id[key.split(":", 1)[1]]
         entries.append({"id": ds.id, "maps_url": url, "cycle": cycle, "state": ds.state, "voltage": ds.voltage,
                         "raw_url": ds.raw})
-    model = {"url": storage.redact(call.inputs[MODEL])} if MODEL in call.inputs else None
+    model = None
+    if MODEL in call.inputs:
+        from xrdscale.pqnet.registry import open_entry
+
+        model = {"url": storage.redact(call.inputs[MODEL]), "metrics": open_entry(call.inputs[MODEL]).metrics}
     cdi = [url for key, url in call.inputs.items() if key.startswith("cdi:")]
     xcs = [url for key, url in call.inputs.items() if key.startswith("xcs:")]
     fits = {key.split(":", 1)[1]: compare_url(url) for key, url in call.inputs.items() if key.startswith("fit:")}
