@@ -4,7 +4,8 @@ On N simulated Poisson patterns (2 phases of the packaged NCA library: NCA and A
 size and a Chebyshev background; ``--quick``: 64, else 256):
 
 1. the fit (:func:`xrdscale.fitting.batch.fit_batch`, float64 on the CPU, one thread): time,
-   pixels/s, converged fraction, median χ²/dof and Rwp, lattice errors against their std errors;
+   pixels/s, converged fraction, median iterations, median χ²/dof and Rwp, lattice and size
+   errors against their std errors;
 2. PQ-Net inference of the same patterns (an ensemble of 2 members of the default PQ-Net size;
    inference time does not depend on the weights, so they are untrained), torch engine;
 3. the ratio PQ-Net time / fit time (the paper: PQ-Net ≈ 5 % of the conventional time);
@@ -104,7 +105,7 @@ def main() -> None:
     print(f"fit: {n} patterns in {t_fit:.1f} s ({n / t_fit:.1f} px/s), converged {ok.mean():.0%}, "
           f"median iterations {np.median(res.iterations):.0f}, median chi2/dof {np.median(res.chi2[ok]):.3f}, "
           f"median Rwp {np.median(res.rwp):.4f}")
-    for phase, key in (("NCA", "a"), ("NCA", "c"), ("Al", "a"), ("NCA", "size_nm")):
+    for phase, key in (("NCA", "a"), ("NCA", "c"), ("Al", "a"), ("NCA", "size_nm"), ("Al", "size_nm")):
         j = model.index(phase, key)
         assert j is not None
         err = res.params[ok, j] - labels[phase][key][ok]

@@ -65,7 +65,8 @@ def test_lm_recovers_known_parameters(rng):
     y, labels, bg = counts_patterns(lib, 24, rng)
     res = fit_batch(model, y, max_iterations=100)
     ok = res.converged
-    assert ok.mean() > 0.4
+    assert ok.mean() > 0.9                                       # 24 of 24 at the time of writing
+    assert np.median(res.iterations) < 20                        # 6
     assert np.all(res.params[:, [model.index(p, "scale") for p in lib.phase_names]] >= 0)
     assert abs(np.median(res.chi2[ok]) - 1) < 0.1
     assert np.median(res.rwp) < 0.1
@@ -78,6 +79,13 @@ def test_lm_recovers_known_parameters(rng):
         assert np.sqrt(np.mean(z**2)) < 1.5, (phase, key)          # errors as the std errors say
         assert np.mean(np.abs(z) < 3) > 0.9, (phase, key)
         assert np.median(np.abs(err)) < 0.01 * (hi - lo), (phase, key)   # and inside 1 % of the range
+    for phase in lib.phase_names:                                # sizes (fitted as 1/size) as their std errors say
+        j = model.index(phase, "size_nm")
+        assert j is not None
+        z = (res.params[ok, j] - labels[phase]["size_nm"][ok]) / res.std[ok, j]
+        assert np.all(np.isfinite(z)), phase                     # determined: a size in nm is no "zero column"
+        assert np.sqrt(np.mean(z**2)) < 2.0, phase
+        assert np.mean(np.abs(z) < 3) > 0.85, phase
 
 
 def test_fit_stage_writes_maps(tmp_path, rng, dask_client, xrdscale_cli):

@@ -4,6 +4,9 @@ Start values: the non-linear parameters (lattice, size, peak position/width) fro
 predictions where given, else the library's midpoints; then, at those, the linear ones (scales
 and background) by weighted bounded linear least squares per pixel (scales ≥ 0: non-negative
 least squares of the phase patterns and the Chebyshev polynomials).
+
+The optimiser sees every crystallite size as ``u = 1/size_nm`` (:class:`InverseSize`); results
+and standard errors are reported in nm.
 """
 
 from __future__ import annotations
@@ -63,6 +66,43 @@ def linear_start(model: PatternModel, y: torch.Tensor, theta: torch.Tensor,
     return out
 
 
+class InverseSize:
+    """The optimiser's parameters: the model's, with every ``size_nm`` replaced by ``u = 1/size_nm``.
+
+    The Scherrer (Lorentzian) width is linear in ``u``, so χ² is far closer to quadratic in it than
+    in the size (whose effect fades as 1/size²: a size of 900 nm or 1000 nm barely differ). The box
+    ``[lo, hi]`` of a size becomes ``[1/hi, 1/lo]``; results and standard errors go back in nm
+    (``σ_size = σ_u · size²``, the delta method).
+    """
+
+    def __init__(self, model: PatternModel) -> None:
+        cols = [j for j, p in enumerate(model.params) if p.key == "size_nm" and p.lower > 0]
+        self.cols = cols
+        self.mask = torch.zeros(model.n_params, dtype=torch.bool, device=model.device)
+        self.mask[cols] = True
+        self.lower = torch.where(self.mask, 1.0 / model.upper, model.lower)
+        self.upper = torch.where(self.mask, 1.0 / torch.where(self.mask, model.lower, 1.0), model.upper)
+
+    def _flip(self, th: torch.Tensor) -> torch.Tensor:
+        return torch.where(self.mask, 1.0 / torch.where(self.mask, th, torch.ones_like(th)), th)
+
+    def to_model(self, th: torch.Tensor) -> torch.Tensor:
+        """The model's θ of the optimiser's (differentiable)."""
+        return self._flip(th)
+
+    def to_fit(self, th: torch.Tensor) -> torch.Tensor:
+        """The optimiser's θ of the model's."""
+        return self._flip(th)
+
+    def back(self, params: np.ndarray, std: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """Parameters and standard errors of the optimiser's result in the model's units."""
+        params, std = params.copy(), std.copy()
+        size = 1.0 / params[:, self.cols]
+        params[:, self.cols] = size
+        std[:, self.cols] = std[:, self.cols] * size**2
+        return params, std
+
+
 def fit_batch(model: PatternModel, y: np.ndarray, start: np.ndarray | None = None, *, max_iterations: int = 100,
               tol: float = 1e-4, block: int = 64) -> LMResult:
     """Fit patterns ``(B, npt)`` on the model's q grid; empty pixels (all NaN or all zero) get NaN.
@@ -104,8 +144,10 @@ def fit_batch(model: PatternModel, y: np.ndarray, start: np.ndarray | None = Non
     yt = torch.as_tensor(y[keep], dtype=model.dtype, device=model.device)
     windows = model.fit_windows(t)
     t = linear_start(model, yt, t, windows)
-    res = levenberg_marquardt(lambda th, aux: model(th, aux), yt, t, model.lower, model.upper, aux=windows,
-                              max_iterations=max_iterations, tol=tol, block=block)
+    inv = InverseSize(model)
+    res = levenberg_marquardt(lambda th, aux: model(inv.to_model(th), aux), yt, inv.to_fit(t), inv.lower, inv.upper,
+                              aux=windows, max_iterations=max_iterations, tol=tol, block=block)
+    res.params, res.std = inv.back(res.params, res.std)
     for name in ("params", "std", "rwp", "chi2", "converged", "iterations"):
         getattr(result, name)[keep] = getattr(res, name)
     return result
