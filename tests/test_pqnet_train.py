@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import xarray as xr
 
+from _builders import NCA_AL_YAML
 from xrdscale.io import storage
 from xrdscale.physics.crystal import builtin_phase
 from xrdscale.physics.pattern import simulate_patterns
@@ -17,7 +18,6 @@ from xrdscale.pqnet.library import make_library
 from xrdscale.pqnet.registry import open_entry
 from xrdscale.pqnet.serve import load_ensemble
 from xrdscale.pqnet.train import train_ensemble
-from _builders import NCA_AL_YAML
 
 # NCA (scale, a, c) and Al at demo noise (the counts of the packaged libraries).
 YAML = NCA_AL_YAML

@@ -3,19 +3,20 @@
 from __future__ import annotations
 
 import logging
+import os
 from types import SimpleNamespace
 
 import numpy as np
 import pytest
 import xarray as xr
 
+from _builders import NCA_AL_YAML
 from xrdscale.io import contracts, storage
 from xrdscale.physics.crystal import builtin_phase
 from xrdscale.physics.pattern import add_background_and_noise, simulate_patterns
 from xrdscale.physics.phaselib import PhaseLibrary
 from xrdscale.pqnet import quality
 from xrdscale.pqnet.model import ModelSpec
-from _builders import NCA_AL_YAML
 
 # NCA (scale, a, c) and Al at demo noise, as the accuracy tests of test_pqnet_train.
 YAML = NCA_AL_YAML
@@ -137,3 +138,21 @@ def test_a_phase_missing_from_the_library_is_flagged_in_the_analyse_maps(ray_loc
     # the analyse settings switch the maps off
     off = analyse(model_url, vol_url, str(tmp_path / "maps-off.zarr"), progress=False, quality=False)
     assert "ood" not in storage.open_store(off, stage="maps")
+
+
+def test_a_library_with_relative_paths_is_used_when_given_loaded(tmp_path):
+    """A model's phases.yaml naming files relative to its folder renders only from the loaded library."""
+    import shutil
+
+    from xrdscale.exceptions import XrdscaleError
+
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    (tmp_path / "cif").mkdir()
+    shutil.copy(os.path.join(root, "xrdscale", "data", "cif", "NCA.cif"), tmp_path / "cif" / "NCA.cif")
+    text = YAML.replace("NCA: {builtin: NCA,", "NCA: {cif: cif/NCA.cif,")
+    (tmp_path / "lib.yaml").write_text(text)
+    lib = PhaseLibrary.load(str(tmp_path / "lib.yaml"))
+    entry = SimpleNamespace(id="m", phases_yaml=lib.text)
+    assert quality.model_library(entry, None, lib) is lib
+    with pytest.raises(XrdscaleError):
+        quality.model_library(entry, None, None).phases  # noqa: B018 - the CIF path does not resolve from text

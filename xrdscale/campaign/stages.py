@@ -205,8 +205,9 @@ def _run_analyse(call: StageCall) -> None:
 
     _ray(call)
     volume = call.inputs.get("denoise") or call.inputs["reconstruct"]
-    analyse(call.inputs[MODEL], volume, call.out, phases=_phases(call.spec), config=call.spec.pipeline.analyse,
-            progress=False)
+    lib = _library(call.spec)
+    analyse(call.inputs[MODEL], volume, call.out, phases=_phases(call.spec, lib), library=lib,
+            config=call.spec.pipeline.analyse, progress=False)
 
 
 def _run_fit(call: StageCall) -> None:

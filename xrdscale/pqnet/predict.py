@@ -145,7 +145,7 @@ def predict(model_url: str, in_url: str, out_url: str, *, actors: int = 1, batch
 
 
 def predict_maps(ds: xr.Dataset, entry, pool: ServerPool, *, batch: int = 4096, what: str = "input",
-                 quality: quality_.QualitySettings | bool | None = None, phases=None) -> xr.Dataset:
+                 quality: quality_.QualitySettings | bool | None = None, phases=None, library=None) -> xr.Dataset:
     """The lazy ``maps`` Dataset of a ``volume`` or ``patterns`` Dataset, from the actors of ``pool``.
 
     Compute it while ``pool`` runs. ``attrs`` name the model and the ensemble size used.
@@ -166,6 +166,8 @@ def predict_maps(ds: xr.Dataset, entry, pool: ServerPool, *, batch: int = 4096, 
         Thresholds of the ``ood`` flag (None or True: the defaults); False: no quality maps.
     phases : mapping, optional
         Phase objects for structures the entry's phase library cannot build from its text.
+    library : PhaseLibrary, optional
+        The model's phase library loaded from its own folder (its relative paths resolve).
 
     Raises
     ------
@@ -196,6 +198,7 @@ def predict_maps(ds: xr.Dataset, entry, pool: ServerPool, *, batch: int = 4096, 
         settings = quality if isinstance(quality, quality_.QualitySettings) else None
         handles = actor_handles(pool.names, pool.address)
         qm = quality_.calibrate(entry, lambda x: predict_batches(handles, x, batch=batch), phases=phases,
+                                library=library,
                                 settings=settings)
     n_out = 2 * len(routes) + (len(quality_.CHANNELS) if qm is not None else 0)
     pred = da.map_blocks(_predict_block, arr, hi, w, pool.names, pool.address, batch, what, qm,

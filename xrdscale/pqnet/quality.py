@@ -259,17 +259,22 @@ class _ModelLibrary(PhaseLibrary):
         return super()._build_structure(name, p)
 
 
-def model_library(entry: Any, phases: Mapping[str, Any] | None = None) -> PhaseLibrary:
+def model_library(entry: Any, phases: Mapping[str, Any] | None = None,
+                  library: PhaseLibrary | None = None) -> PhaseLibrary:
     """The phase library the entry's model was trained on (its ``phases.yaml``).
 
-    Structures that cannot be built from the text alone (a CIF path relative to the
-    original YAML) are taken from ``phases`` (name → phase object).
+    ``library``, when its text is the entry's, is that library already loaded from its own
+    folder (so paths relative to the YAML, a CIF or a calibrant pattern, resolve). Otherwise
+    structures that cannot be built from the text alone are taken from ``phases`` (name →
+    phase object).
 
     Raises
     ------
     XrdscaleError
         The library cannot be rebuilt.
     """
+    if library is not None and library.text == entry.phases_yaml:
+        return library
     source = f"phase library of model {entry.id}"
     try:
         return PhaseLibrary.from_text(entry.phases_yaml, source=source)
@@ -280,14 +285,14 @@ def model_library(entry: Any, phases: Mapping[str, Any] | None = None) -> PhaseL
         return _ModelLibrary(spec, phases, text=entry.phases_yaml, source=source)
 
 
-def build(entry: Any, phases: Mapping[str, Any] | None = None,
-          settings: QualitySettings | None = None) -> tuple[QualityModel, PhaseLibrary] | None:
+def build(entry: Any, phases: Mapping[str, Any] | None = None, settings: QualitySettings | None = None,
+          library: PhaseLibrary | None = None) -> tuple[QualityModel, PhaseLibrary] | None:
     """The (uncalibrated) quality model of a registry entry and its library; None (one warning) if impossible."""
     from xrdscale.analysis.fractions import resolve_phases
 
     settings = settings or QualitySettings()
     try:
-        lib = model_library(entry, phases)
+        lib = model_library(entry, phases, library)
         instrument = lib.instrument_model()
         objects = dict(zip(lib.phase_names, lib.phases))
         extra = [p for p in entry.spec.phases if p not in objects]
@@ -345,7 +350,8 @@ def reference_patterns(lib: PhaseLibrary, q: np.ndarray, n: int, seed: int) -> n
 
 
 def calibrate(entry: Any, predict: Callable[[np.ndarray], tuple[np.ndarray, np.ndarray]], *,
-              phases: Mapping[str, Any] | None = None, settings: QualitySettings | None = None) -> QualityModel | None:
+              phases: Mapping[str, Any] | None = None, settings: QualitySettings | None = None,
+              library: PhaseLibrary | None = None) -> QualityModel | None:
     """The quality model of ``entry`` with reference levels from held-out patterns through ``predict``.
 
     Parameters
@@ -357,6 +363,8 @@ def calibrate(entry: Any, predict: Callable[[np.ndarray], tuple[np.ndarray, np.n
         ensemble the maps are predicted with).
     phases : mapping, optional
         Phase objects for structures the entry's library text cannot build.
+    library : PhaseLibrary, optional
+        The entry's library loaded from its folder (:func:`model_library`).
     settings : QualitySettings, optional
         Thresholds and reference size.
 
@@ -365,7 +373,7 @@ def calibrate(entry: Any, predict: Callable[[np.ndarray], tuple[np.ndarray, np.n
     QualityModel or None
         None (after one warning) when the entry's phase library cannot be rebuilt.
     """
-    built = build(entry, phases, settings)
+    built = build(entry, phases, settings, library)
     if built is None:
         return None
     qm, lib = built

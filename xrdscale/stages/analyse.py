@@ -62,6 +62,7 @@ class AnalyseConfig(StageConfig):
 
 
 def analyse(model_url: str, in_url: str, out_url: str, *, phases: Mapping[str, Any] | None = None,
+            library: Any = None,
             config: AnalyseConfig | None = None, pool: Any = None, client: Any = None, progress: bool = True,
             **settings: Any) -> str:
     """PQ-Net maps with weight fractions of a ``volume`` or ``patterns`` store, as one ``maps`` store.
@@ -77,6 +78,9 @@ def analyse(model_url: str, in_url: str, out_url: str, *, phases: Mapping[str, A
     phases : mapping, optional
         Phase name → phase object, for weight fractions of phases that are not built in (and
         for the quality maps, structures the model's phase library cannot build from its text).
+    library : PhaseLibrary, optional
+        The model's phase library loaded from its own folder, so that the quality maps can
+        render patterns when its YAML names files by relative paths (a CIF, a calibrant pattern).
     config : AnalyseConfig, optional
         ``ensemble``, ``actors``, ``batch``, ``engine``, ``device``, ``threads``, ``quality``
         and the ``ood_*`` thresholds; keyword ``settings`` of the same names override it.
@@ -105,7 +109,7 @@ def analyse(model_url: str, in_url: str, out_url: str, *, phases: Mapping[str, A
         with serving(model_url, pool, actors=cfg.actors, engine=cfg.engine, device=cfg.device,
                      threads=cfg.threads, members=cfg.ensemble) as actors:
             maps = predict_maps(ds, entry, actors, batch=cfg.batch, what=storage.redact(in_url),
-                                quality=cfg.quality_settings(), phases=phases)
+                                quality=cfg.quality_settings(), phases=phases, library=library)
             maps = with_weight_fractions(maps, phases)
             maps.attrs.update(model=storage.redact(model_url), source=storage.redact(in_url))
             record = {**cfg.record(), "ensemble": int(actors.members), "ensemble_requested": cfg.ensemble,
