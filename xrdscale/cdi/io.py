@@ -35,11 +35,10 @@ and move it into place at the end: a failure never leaves a complete-looking fil
 
 from __future__ import annotations
 
-import contextlib
 import datetime as _dt
 import json
 import logging
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -122,19 +121,6 @@ def _expand(url: str | Sequence[str]) -> list[str]:
             out.append(u)
     return out
 
-
-
-@contextlib.contextmanager
-def _open_binary(url: str) -> Iterator[Any]:
-    """A readable binary file at ``url`` (a local path is opened directly); InputError if missing."""
-    fs, path = storage.filesystem(url)
-    with storage.io_errors(url, "read the pattern"):
-        if not fs.exists(path):
-            raise InputError(f"no file at {storage.redact(url)}; check the path")
-        if fs.isdir(path):
-            raise InputError(f"{storage.redact(url)} is a directory, not a pattern file")
-        with fs.open(path, "rb") as f:
-            yield f
 
 
 def _kind(url: str, head: bytes) -> str:
@@ -263,7 +249,7 @@ def _read_hdf5(f: Any, url: str, dataset: str | None) -> list[_Volume]:
 
 
 def _read_file(url: str, dataset: str | None) -> list[_Volume]:
-    with _open_binary(url) as f:
+    with storage.open_input(url, "pattern file") as f:
         head = f.read(8)
         f.seek(0)
         kind = _kind(url, head)
@@ -287,7 +273,7 @@ def _read_file(url: str, dataset: str | None) -> list[_Volume]:
 def _load_mask(mask: str | np.ndarray) -> np.ndarray:
     if not isinstance(mask, str):
         return np.asarray(mask) != 0
-    with _open_binary(mask) as f:
+    with storage.open_input(mask, "mask file") as f:
         head = f.read(8)
         f.seek(0)
         with storage.io_errors(mask, "read the mask"):
@@ -626,7 +612,7 @@ def read_cxi(url: str) -> dict[str, Any]:
     InputError
         A missing file or a file without ``entry_1/image_1/data``.
     """
-    with _open_binary(url) as f, storage.io_errors(url, "read the CXI file"):
+    with storage.open_input(url, "pattern file") as f, storage.io_errors(url, "read the CXI file"):
         if not f.read(8).startswith(_HDF5_MAGIC):
             raise InputError(f"{storage.redact(url)} is not an HDF5/CXI file")
         f.seek(0)

@@ -490,6 +490,25 @@ def put_file(local_path: str, url: str) -> None:
 
 
 @contextlib.contextmanager
+def open_input(url: str, what: str) -> Iterator[Any]:
+    """A readable binary file at ``url`` for reading ``what`` (e.g. ``"pattern file"``).
+
+    Raises
+    ------
+    InputError
+        Nothing at ``url``, or a directory there.
+    """
+    fs, path = filesystem(url)
+    with io_errors(url, f"read the {what}"):
+        if not fs.exists(path):
+            raise InputError(f"no file at {redact(url)}; check the path of the {what}")
+        if fs.isdir(path):
+            raise InputError(f"{redact(url)} is a directory, not a {what}")
+        with fs.open(path, "rb") as f:
+            yield f
+
+
+@contextlib.contextmanager
 def staged(url: str) -> Iterator[str]:
     """A local temporary path that becomes the file ``url`` only when the block succeeds.
 

@@ -164,19 +164,6 @@ def _check_energy(energy: Any, bins: int, where: str) -> np.ndarray:
 
 
 @contextlib.contextmanager
-def _open(url: str) -> Iterator[Any]:
-    """A readable binary file at ``url``; InputError if there is none."""
-    fs, path = storage.filesystem(url)
-    with storage.io_errors(url, "read the spectra"):
-        if not fs.exists(path):
-            raise InputError(f"no file at {storage.redact(url)}; check the path of the spectra file")
-        if fs.isdir(path):
-            raise InputError(f"{storage.redact(url)} is a directory, not a spectra file (HDF5 or .hxt)")
-        with fs.open(path, "rb") as f:
-            yield f
-
-
-@contextlib.contextmanager
 def _h5(url: str) -> Iterator[h5py.File]:
     """An h5py file at ``url`` (local paths directly, other URLs through an fsspec file object)."""
     if not storage.is_remote(url):
@@ -184,7 +171,7 @@ def _h5(url: str) -> Iterator[h5py.File]:
         with storage.io_errors(url, "read the spectra"), h5py.File(path, "r") as h5:
             yield h5
         return
-    with _open(url) as f, h5py.File(f, "r") as h5:
+    with storage.open_input(url, "spectra file (HDF5 or .hxt)") as f, h5py.File(f, "r") as h5:
         yield h5
 
 
@@ -236,7 +223,7 @@ def open_cube(url: str, *, dataset: str | None = None, charge_sharing: str = "au
         raise InputError(f"chunk_rows must be a positive integer, got {chunk_rows!r}")
     if plane_name is not None and (not isinstance(plane_name, str) or not plane_name):
         raise InputError(f"plane_name must be a non-empty string, got {plane_name!r}")
-    with _open(url) as f:
+    with storage.open_input(url, "spectra file (HDF5 or .hxt)") as f:
         head = f.read(8)
     kind = _kind(url, head)
     if kind == "hxt":
@@ -271,7 +258,7 @@ def read_cube(url: str, **kw: Any) -> Cube:
 def _hxt_header(url: str) -> dict[str, Any]:
     name = storage.redact(url)
     fs, path = storage.filesystem(url)
-    with _open(url) as f:
+    with storage.open_input(url, "spectra file (HDF5 or .hxt)") as f:
         size = int(fs.size(path))
         raw = f.read(_FIXED.size)
         if len(raw) < _FIXED.size:
