@@ -8,8 +8,8 @@ import torch
 import xarray as xr
 
 from _builders import tiny_spec, write_random_entry
-from xrdscale.exceptions import InputError
-from xrdscale.fitting.batch import fit_batch
+from xrdscale.exceptions import ConfigError, InputError
+from xrdscale.fitting.batch import fit_batch, noise_weights
 from xrdscale.fitting.torch_model import PatternModel
 from xrdscale.io import contracts, storage
 from xrdscale.physics.pattern import simulate_patterns
@@ -170,3 +170,22 @@ def test_fit_rejects_bad_input(tmp_path, rng):
     with pytest.raises(InputError, match="predicts phases"):
         fit_maps(model, data, out, phases=str(other), progress=False)
     assert not storage.is_complete(out)
+    with pytest.raises(ConfigError, match="min_scale"):   # an ROI by PQ-Net's scales needs PQ-Net
+        fit_maps(str(lib_path), data, out, min_scale={"NCA": 0.3}, progress=False)
+    with pytest.raises(ConfigError, match="min_scale"):
+        fit_maps(model, data, out, phases=str(lib_path), min_scale={"Fe": 0.3}, progress=False)
+    assert not storage.is_complete(out)
+
+
+def test_noise_weights_measure_white_noise_under_smooth_peaks(rng):
+    """One weight per pattern, 1/σ², from the pattern itself: peaks barely bias it, the unit cancels."""
+    q = np.linspace(1, 3, 800)
+    peaks = 50 * np.exp(-0.5 * ((q[None, :] - np.array([[1.5], [2.2]])) / 0.02) ** 2).sum(axis=0)
+    sigma = np.array([0.5, 2.0, 8.0])
+    y = peaks[None, :] - 3.0 + sigma[:, None] * rng.standard_normal((3, q.size))   # negative values, like FBP
+    y[1, :10] = np.nan
+    w = noise_weights(y)
+    est = 1 / np.sqrt(w[:, 20])
+    assert est == pytest.approx(sigma, rel=0.1)
+    assert (w[1, :10] == 0).all() and np.ptp(w[0]) == 0
+    assert noise_weights(1000 * y)[:, 20] == pytest.approx(w[:, 20] / 1e6, rel=1e-9)

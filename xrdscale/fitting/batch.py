@@ -24,7 +24,7 @@ logger = logging.getLogger(__name__)
 
 
 def linear_start(model: PatternModel, y: torch.Tensor, theta: torch.Tensor,
-                 windows: list[torch.Tensor]) -> torch.Tensor:
+                 windows: list[torch.Tensor], weights: torch.Tensor | None = None) -> torch.Tensor:
     """θ with its linear parameters solved by weighted bounded least squares at its non-linear ones.
 
     Parameters
@@ -37,6 +37,8 @@ def linear_start(model: PatternModel, y: torch.Tensor, theta: torch.Tensor,
         Non-linear parameters (the linear entries are replaced).
     windows : list of torch.Tensor
         Peak windows of the fit (:meth:`PatternModel.fit_windows`).
+    weights : torch.Tensor (B, npt), optional
+        Least-squares weights; default :func:`xrdscale.fitting.lm.poisson_weights`.
 
     Returns
     -------
@@ -54,7 +56,7 @@ def linear_start(model: PatternModel, y: torch.Tensor, theta: torch.Tensor,
                 th[:, linear] = 0.0
                 th[:, j] = 1.0
                 design[s:s + 64, :, col] = model(th, win).cpu().numpy()
-    sw = torch.sqrt(poisson_weights(y)).cpu().numpy()
+    sw = torch.sqrt(poisson_weights(y) if weights is None else weights).cpu().numpy()
     yv = np.nan_to_num(y.cpu().numpy())
     out = theta.clone()
     for b in range(theta.shape[0]):
@@ -103,8 +105,31 @@ class InverseSize:
         return params, std
 
 
+def noise_weights(y: np.ndarray) -> np.ndarray:
+    """Weights ``1/σ²`` with one σ per pattern, estimated from the pattern itself.
+
+    For intensities whose noise is not Poisson in their own units — a reconstructed voxel's
+    pattern is a filtered sum over many sinogram values, with negative values, a variance
+    that does not follow the intensity, and an arbitrary unit — Poisson weights ``1/max(y, 1)``
+    would put all the weight on the points near zero. ``σ`` is the robust (MAD) spread of
+    the second difference ``y[i−1] − 2y[i] + y[i+1]``, divided by √6 (its variance for white
+    noise of variance σ²); smooth peaks wider than a few points barely contribute to it. It is
+    floored at 10⁻⁶ of the pattern's largest absolute value so a noise-free pattern stays
+    finite. NaN points get weight 0.
+    """
+    y = np.atleast_2d(np.asarray(y, dtype=float))
+    d2 = y[:, :-2] - 2 * y[:, 1:-1] + y[:, 2:]
+    with np.errstate(all="ignore"):
+        mad = np.nanmedian(np.abs(d2 - np.nanmedian(d2, axis=1, keepdims=True)), axis=1)
+        sigma = 1.4826 * mad / np.sqrt(6.0)
+        top = np.nanmax(np.abs(y), axis=1)
+    sigma = np.maximum(np.nan_to_num(sigma), 1e-6 * np.nan_to_num(top))
+    sigma = np.where(sigma > 0, sigma, 1.0)
+    return np.where(np.isfinite(y), 1.0 / sigma[:, None] ** 2, 0.0)
+
+
 def fit_batch(model: PatternModel, y: np.ndarray, start: np.ndarray | None = None, *, max_iterations: int = 100,
-              tol: float = 1e-4, block: int = 64) -> LMResult:
+              tol: float = 1e-4, block: int = 64, weights: str = "poisson") -> LMResult:
     """Fit patterns ``(B, npt)`` on the model's q grid; empty pixels (all NaN or all zero) get NaN.
 
     Parameters
@@ -120,6 +145,10 @@ def fit_batch(model: PatternModel, y: np.ndarray, start: np.ndarray | None = Non
         Of :func:`xrdscale.fitting.lm.levenberg_marquardt`.
     block : int
         Pixels per Jacobian evaluation.
+    weights : {"poisson", "noise"}
+        ``poisson``: ``1/max(y, 1)``, for patterns in counts (or proportional to counts);
+        ``noise``: one weight per pattern from its own noise (:func:`noise_weights`), for
+        reconstructed volumes.
 
     Returns
     -------
@@ -142,11 +171,17 @@ def fit_batch(model: PatternModel, y: np.ndarray, start: np.ndarray | None = Non
     t = torch.as_tensor(theta0, dtype=model.dtype, device=model.device)
     t = torch.clamp(t, model.lower, model.upper)
     yt = torch.as_tensor(y[keep], dtype=model.dtype, device=model.device)
+    if weights == "noise":
+        w: torch.Tensor | None = torch.as_tensor(noise_weights(y[keep]), dtype=model.dtype, device=model.device)
+    elif weights == "poisson":
+        w = None
+    else:
+        raise ValueError(f"weights={weights!r}: use 'poisson' or 'noise'")
     windows = model.fit_windows(t)
-    t = linear_start(model, yt, t, windows)
+    t = linear_start(model, yt, t, windows, w)
     inv = InverseSize(model)
     res = levenberg_marquardt(lambda th, aux: model(inv.to_model(th), aux), yt, inv.to_fit(t), inv.lower, inv.upper,
-                              aux=windows, max_iterations=max_iterations, tol=tol, block=block)
+                              aux=windows, weights=w, max_iterations=max_iterations, tol=tol, block=block)
     res.params, res.std = inv.back(res.params, res.std)
     for name in ("params", "std", "rwp", "chi2", "converged", "iterations"):
         getattr(result, name)[keep] = getattr(res, name)

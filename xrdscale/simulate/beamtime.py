@@ -81,6 +81,7 @@ class Preset:
     axis_offset_steps: float
     peak_counts: float
     train: TrainSettings
+    nca_gradient: float = 0.0
 
     @property
     def frames_per_dataset(self) -> int:
@@ -98,6 +99,12 @@ PRESETS = {
     "paper": Preset(size=637, n_angles=400, subsets=4, voltages=phantom_mod.STAGE_VOLTAGES, cycle=7,
                     detector="pilatus2m", instrument=(0.0, 0.0, 1.5e-4, 0.0), axis_offset_steps=3.37,
                     peak_counts=5000.0, train=TrainSettings(n=200_000, ensemble=10, epochs=35)),
+    # One charging dataset whose cathode has a known radial state-of-charge gradient (NCA a and c
+    # change across the roll, :func:`xrdscale.simulate.phantom.make_phantom` nca_gradient): the
+    # beamtime on which the fit is judged against PQ-Net's lattice maps.
+    "lattice": Preset(size=40, n_angles=48, subsets=2, voltages=(3.4,), cycle=1, detector="demo",
+                      instrument=(0.0, 0.0, 4.0e-4, 0.0), axis_offset_steps=1.37, peak_counts=2000.0,
+                      train=TrainSettings(n=5000, ensemble=2, epochs=8), nca_gradient=0.6),
 }
 
 
@@ -168,7 +175,7 @@ def simulate_beamtime(out: str, preset: str = "demo", seed: int = 0, *, progress
     datasets, i0 = [], None
     for k, voltage in enumerate(p.voltages):
         ds_id = f"c{p.cycle}-{voltage:.2f}V"
-        ph = phantom_mod.make_phantom(p.size, voltage=voltage, seed=seed)
+        ph = phantom_mod.make_phantom(p.size, voltage=voltage, seed=seed, nca_gradient=p.nca_gradient)
         result = scan_phantom(ph, storage.join(out, "raw", f"{ds_id}.nxs"), storage.join(out, "truth", f"{ds_id}.zarr"),
                               detector, instrument, n_angles=p.n_angles, subsets=p.subsets,
                               axis_offset_steps=p.axis_offset_steps, truth_q=truth_q, i0=i0,

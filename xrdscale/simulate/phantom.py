@@ -76,7 +76,13 @@ def default_fov_mm(size: int) -> float:
     return max(PAPER_FOV_MM, 2 * CELL_RADIUS_MM / (1 - 12.0 / size))
 
 
-def make_phantom(size: int, *, voltage: float = V_MIN, seed: int = 0, fov_mm: float | None = None) -> xr.Dataset:
+#: Radial bands of the NCA state-of-charge gradient (:func:`make_phantom` ``nca_gradient``): the
+#: lattice is constant within a band × grain domain, so scans stay cheap.
+GRADIENT_BANDS = 8
+
+
+def make_phantom(size: int, *, voltage: float = V_MIN, seed: int = 0, fov_mm: float | None = None,
+                 nca_gradient: float = 0.0) -> xr.Dataset:
     """Build the phantom of an 18650 cell cross-section at one voltage.
 
     The geometry, domains and heterogeneity regions depend only on ``size``, ``seed`` and
@@ -95,6 +101,12 @@ def make_phantom(size: int, *, voltage: float = V_MIN, seed: int = 0, fov_mm: fl
         Seed of the domains and the sampled lattice parameters and sizes.
     fov_mm : float, optional
         Field of view; defaults to :func:`default_fov_mm`.
+    nca_gradient : float
+        A radial state-of-charge gradient of the cathode: the NCA of the roll outside ROI3 is
+        charged to ``f(ρ) = f(V) + nca_gradient · (ρ − ½)`` (clipped to [0, 1]) of the way from
+        its discharged to its charged lattice, ``ρ`` the normalised radius in the roll (0 inner,
+        1 outer) in :data:`GRADIENT_BANDS` bands. 0 (the default) is the uniform cathode;
+        e.g. 0.6 at 3.4 V spans a ≈ 2.857–2.832 Å, c ≈ 14.25–14.40 Å.
 
     Returns
     -------
@@ -114,6 +126,9 @@ def make_phantom(size: int, *, voltage: float = V_MIN, seed: int = 0, fov_mm: fl
         raise ConfigError(f"phantom size {size!r} is too small; give an integer of at least 16 voxels per side")
     if not V_MIN <= voltage <= V_MAX:
         raise ConfigError(f"voltage {voltage} V is outside the cycling window {V_MIN}–{V_MAX} V; pick one inside it")
+    if not (np.isfinite(nca_gradient) and abs(nca_gradient) <= 2.0):
+        raise ConfigError(f"nca_gradient {nca_gradient!r} must be a finite state-of-charge difference across the "
+                          "roll in [-2, 2] (0: a uniform cathode)")
     fov = float(fov_mm) if fov_mm is not None else default_fov_mm(size)
     vox = fov / size
     if fov < 2 * CELL_RADIUS_MM + 2 * vox:
@@ -153,13 +168,18 @@ def make_phantom(size: int, *, voltage: float = V_MIN, seed: int = 0, fov_mm: fl
     region = np.where(anode > 0, region, -1).astype(np.int8)
 
     params = _domain_params(rng, voltage)
+    if nca_gradient:
+        _apply_gradient(params["NCA"], voltage, nca_gradient)
+        domains_nca = np.where(roi, domains + _N_DOMAINS, domains + 2 * _N_DOMAINS * (1 + _band(rho)))
+    else:
+        domains_nca = np.where(roi, domains + _N_DOMAINS, domains)
     lattice = {key: np.full((len(PHASES), size, size), np.nan, dtype=np.float32) for key in ("a", "c", "size")}
     for i, phase in enumerate(PHASES):
         present = scale[phase] > 0
         if phase not in RANGES:
             continue
         table = params[phase]
-        dom = np.where(roi, domains + _N_DOMAINS, domains) if phase == "NCA" else domains
+        dom = domains_nca if phase == "NCA" else domains
         for key, out_key in (("a", "a"), ("c", "c"), ("size_nm", "size")):
             if key in table:
                 lattice[out_key][i] = np.where(present, table[key][dom], np.nan)
@@ -177,7 +197,8 @@ def make_phantom(size: int, *, voltage: float = V_MIN, seed: int = 0, fov_mm: fl
         coords={"phase": np.array(PHASES, dtype=object), "y": coord, "x": coord},
         attrs={"voltage": float(voltage), "state": state_of(voltage), "voxel_size_mm": vox, "fov_mm": fov,
                "cell_center_mm": [float(center[0]), float(center[1])], "materials": list(MATERIALS),
-               "regions": dict(REGIONS), "seed": int(seed), "turns": geo.turns},
+               "regions": dict(REGIONS), "seed": int(seed), "turns": geo.turns,
+               "nca_gradient": float(nca_gradient)},
     )
     ds["y"].attrs["units"] = ds["x"].attrs["units"] = "mm"
     ds["size"].attrs["units"] = "nm"
@@ -292,6 +313,32 @@ def _domain_params(rng: np.random.Generator, voltage: float) -> dict[str, dict[s
                 table[key] = mid + rng.uniform(-0.5, 0.5, n) * half
         out[phase] = table
     return out
+
+
+def _band(rho: np.ndarray) -> np.ndarray:
+    """Radial band index in [0, GRADIENT_BANDS) of the normalised roll radius."""
+    return np.clip(np.floor(np.asarray(rho) * GRADIENT_BANDS), 0, GRADIENT_BANDS - 1).astype(int)
+
+
+def _apply_gradient(table: dict[str, np.ndarray], voltage: float, gradient: float) -> None:
+    """Append the NCA lattice of every (band, domain) to ``table`` (index ``2N(1 + band) + domain``).
+
+    Each band's state of charge is taken at its centre; a domain keeps its own jitter (its
+    offset from the uniform cathode's mean) in every band.
+    """
+    f0 = (voltage - V_MIN) / (V_MAX - V_MIN)
+    lo_hi = RANGES["NCA"]
+    for key in ("a", "c"):
+        uniform = table[key][:_N_DOMAINS]
+        jitter = uniform - (NCA_DISCHARGED[key] + f0 * (NCA_CHARGED[key] - NCA_DISCHARGED[key]))
+        parts = [table[key]]
+        for band in range(GRADIENT_BANDS):
+            f = np.clip(f0 + gradient * ((band + 0.5) / GRADIENT_BANDS - 0.5), 0.0, 1.0)
+            mean = NCA_DISCHARGED[key] + f * (NCA_CHARGED[key] - NCA_DISCHARGED[key])
+            parts += [np.clip(mean + jitter, *lo_hi[key]), np.full(_N_DOMAINS, np.nan)]
+        table[key] = np.concatenate(parts)
+    size = table["size_nm"]
+    table["size_nm"] = np.concatenate([size] + [size[:_N_DOMAINS], np.full(_N_DOMAINS, np.nan)] * GRADIENT_BANDS)
 
 
 def _weight_fractions(scale: np.ndarray, lattice: dict[str, np.ndarray]) -> np.ndarray:

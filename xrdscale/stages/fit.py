@@ -170,6 +170,7 @@ MAP_VARS = {"scale": "scale", "a": "a", "c": "c", "size_nm": "size"}
 CHUNK_FLOATS = 4_000_000
 
 Start = Annotated[str, one_of(("auto", "model", "midpoint"), "start")]
+Weights = Annotated[str, one_of(("auto", "poisson", "noise"), "weights")]
 Device = Annotated[str, one_of(("auto", "cpu", "cuda"), "device")]
 
 
@@ -186,10 +187,17 @@ class FitConfig(StageConfig):
                                              "library's midpoints), auto (model when a model is given)")
     background_order: int | None = Field(None, ge=0, le=8, description="Chebyshev order of the background "
                                                                         "(default: the library's)")
+    weights: Weights = Field("auto", description="least-squares weights: poisson (1/counts: integrated "
+                                                 "patterns), noise (one weight per pixel from its own noise: "
+                                                 "reconstructed volumes, whose values are not counts), auto "
+                                                 "(noise for a (y, x, q) volume, poisson for (frame, q) patterns)")
     sample: float = Field(1.0, gt=0, le=1, description="fit this random fraction of the pixels (seeded; the "
                                                       "others are NaN and not converged): a check of PQ-Net on a "
                                                       "sample costs that fraction of a full fit")
     seed: int = Field(0, description="seed of the pixel sample")
+    min_scale: dict[str, float] = Field(default_factory=dict, description="fit only the pixels where PQ-Net "
+                                        "predicts at least this scale of each phase named, e.g. {NCA: 0.3} (an ROI "
+                                        "where a phase is strong; needs a model start); the others are NaN")
     enabled: bool = Field(False, description="campaign: fit every dataset after analyse and compare the fit with "
                                              "PQ-Net in the report")
     batch: int = runtime_field(256, "pixels per Dask task", ge=1)
@@ -287,8 +295,13 @@ def _fit_block(block: np.ndarray, chosen: np.ndarray, hi: np.ndarray | None, w: 
                     j = model.index(phase, key)
                     if j is not None and not model.params[j].linear:
                         start[ok, j] = mean[:, r]
+                strong = np.ones(mean.shape[0], dtype=bool)
+                for phase, least in dict(cfg["min_scale"]).items():
+                    strong &= mean[:, list(src["routes"]).index((phase, "scale"))] >= float(least)
+                rows = np.flatnonzero(ok)[~strong]
+                x[rows] = np.nan
         res = fit_batch(model, x, start, max_iterations=int(cfg["max_iterations"]), tol=float(cfg["tol"]),
-                        block=int(cfg["block"]))
+                        block=int(cfg["block"]), weights=str(cfg["weights_used"]))
     out = np.concatenate([res.params, res.std, res.rwp[:, None], res.chi2[:, None],
                           res.converged[:, None].astype(float), res.iterations[:, None].astype(float)], axis=1)
     assert out.shape[1] == nout
@@ -364,7 +377,13 @@ def fit_maps(source: str, data: str, out: str, *, config: FitConfig | Mapping[st
         nonempty = bool(storage_compute((np.isfinite(arr) & (arr != 0)).any(), client))
         if not nonempty:
             raise InputError(f"{what}: every pattern is empty (all NaN or all zero); nothing to fit")
+        scale_routes = {p for p, k in src.routes if k == "scale"}
+        if cfg.min_scale and (src.model_url is None or not set(cfg.min_scale) <= scale_routes):
+            raise ConfigError(f"min_scale {cfg.min_scale} selects pixels by PQ-Net's predicted scales: it needs a "
+                              "model start (a model registry entry, start auto or model) that predicts the scale "
+                              f"of each phase named (this one predicts {sorted(scale_routes) or 'none'})")
         device = resolve_device(cfg.device, what="fit")
+        weights = cfg.weights if cfg.weights != "auto" else ("noise" if pix_dims == ("y", "x") else "poisson")
         model = _pattern_model(src.text, src.base_dir, src.q.tobytes(), cfg.background_order, "cpu")
         n_par = model.n_params
         nout = 2 * n_par + 4
@@ -381,13 +400,14 @@ def fit_maps(source: str, data: str, out: str, *, config: FitConfig | Mapping[st
                  "routes": src.routes}
         chosen = np.random.default_rng(cfg.seed).random(arr.shape[:-1]) < cfg.sample
         chosen_d = da.from_array(chosen[..., None], chunks=(*arr.chunks[:-1], (1,)))
-        pred = da.map_blocks(_fit_block, arr, chosen_d, hi, w, src_d, cfg.model_dump(), device, nout,
+        pred = da.map_blocks(_fit_block, arr, chosen_d, hi, w, src_d, {**cfg.model_dump(), "weights_used": weights},
+                             device, nout,
                              dtype=np.float64, chunks=(*arr.chunks[:-1], (nout,)))
         maps = _assemble(pred, model, pix_dims, ds)
         maps.attrs.update(source=storage.redact(data), fit_source=storage.redact(source), model_id=src.model_id or "",
                           parameters=[p.name for p in model.params])
         record = {**cfg.record(), "source": storage.redact(source), "model_id": src.model_id,
-                  "input": storage.redact(data), "device_used": device,
+                  "input": storage.redact(data), "device_used": device, "weights_used": weights,
                   "start_used": "model" if src.model_url else "midpoint"}
         return write_output(maps, out, kind="maps", config=record, client=client, progress=progress, label="fit")
 
