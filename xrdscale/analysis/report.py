@@ -232,6 +232,26 @@ def _quality_figure(doc: _Doc, e: DatasetEntry, maps: xr.Dataset) -> None:
                + (" and the out-of-distribution bit mask" if ood is not None else ""))
 
 
+#: A pixel is in the sample when its summed scale factors reach this fraction of their 99th percentile.
+SAMPLE_LEVEL = 0.05
+
+
+def _sample_pixels(maps: xr.Dataset) -> np.ndarray | None:
+    """Flat mask of the pixels holding sample (not air): summed scales ≥ SAMPLE_LEVEL of their 99th percentile.
+
+    Air pixels of a reconstructed volume are noise that no phase explains, so their residual
+    flag says nothing about the model; the in-sample fraction is the one to read.
+    """
+    if "scale" not in maps.data_vars:
+        return None
+    total = np.asarray(maps["scale"].sum("phase", skipna=True).values, dtype=float).ravel()
+    finite = total[np.isfinite(total)]
+    if not finite.size:
+        return None
+    top = float(np.percentile(finite, 99))
+    return np.isfinite(total) & (total >= SAMPLE_LEVEL * top) if top > 0 else None
+
+
 def _quality_row(e: DatasetEntry, maps: xr.Dataset) -> dict[str, Any] | None:
     """Fraction of flagged pixels (any bit, and per bit) and the median rwp of one dataset."""
     if "ood" not in maps.data_vars:
@@ -244,6 +264,10 @@ def _quality_row(e: DatasetEntry, maps: xr.Dataset) -> dict[str, Any] | None:
                            "flagged": float((ood > 0).mean()) if ood.size else float("nan")}
     for b, name in zip(masks, meanings):
         row[name] = float(((ood & b) > 0).mean()) if ood.size else float("nan")
+    inside = _sample_pixels(maps)
+    if inside is not None:
+        row["sample pixels"] = int(inside.sum())
+        row["flagged in sample"] = float((ood[inside] > 0).mean()) if inside.any() else float("nan")
     if "rwp" in maps.data_vars:
         rwp = np.asarray(maps["rwp"].values, dtype=float)
         row["median rwp"] = float(np.nanmedian(rwp)) if np.isfinite(rwp).any() else float("nan")
@@ -394,7 +418,9 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
         if quality_rows:
             doc.h(2, "Out-of-distribution pixels")
             doc.table(pd.DataFrame(quality_rows), "Fraction of the pixels of every dataset flagged out of distribution "
-                      "(any bit, and per bit of the ood mask) and their median rwp")
+                      "(any bit, and per bit of the ood mask) and their median rwp; 'flagged in sample' counts "
+                      f"only the pixels holding sample (summed scales ≥ {SAMPLE_LEVEL:.0%} of their 99th percentile: "
+                      "air is noise no phase explains)")
         cycles: dict[Any, list[DatasetEntry]] = {}
         for e in entries:
             if e.voltage is not None:
