@@ -58,7 +58,9 @@ def init_kwargs(address: str | None = None, *, num_cpus: int | None = None) -> d
     """The keyword arguments of ``ray.init`` for ``address`` (None: a new local instance)."""
     kwargs: dict[str, Any] = {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": logging_level()}
     if address is None:
-        kwargs.update(num_cpus=num_cpus, include_dashboard=False)
+        # "local": a new private instance even where a Ray cluster runs on this machine (or ran and
+        # died, leaving its address on record): ray.init() without an address would attach to it.
+        kwargs.update(address="local", num_cpus=num_cpus, include_dashboard=False)
     else:
         kwargs["address"] = address
     return kwargs
