@@ -176,7 +176,7 @@ def test_one_set_of_ray_init_kwargs():
 
     local = init_kwargs(None, num_cpus=3)
     assert local == {"namespace": NAMESPACE, "log_to_driver": False, "logging_level": local["logging_level"],
-                     "num_cpus": 3, "include_dashboard": False}
+                     "address": "local", "num_cpus": 3, "include_dashboard": False}
     remote = init_kwargs("ray://head:10001")
     assert remote["address"] == "ray://head:10001" and "include_dashboard" not in remote
     assert remote["namespace"] == NAMESPACE and remote["log_to_driver"] is False
