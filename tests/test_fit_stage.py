@@ -189,3 +189,22 @@ def test_noise_weights_measure_white_noise_under_smooth_peaks(rng):
     assert est == pytest.approx(sigma, rel=0.1)
     assert (w[1, :10] == 0).all() and np.ptp(w[0]) == 0
     assert noise_weights(1000 * y)[:, 20] == pytest.approx(w[:, 20] / 1e6, rel=1e-9)
+
+
+def test_screened_starts_escape_the_wrong_minimum_of_a_far_lattice_start(rng):
+    """Started on the far side of the box, LM alone fits peaks onto their neighbours; screening does not."""
+    lib = PhaseLibrary.from_text(LIBRARY)
+    y, labels, _ = counts_patterns(lib, 24, np.random.default_rng(4))
+    model = PatternModel(lib, lib.q)
+    start = np.full((24, model.n_params), np.nan)
+    for key in ("a", "c"):
+        j = model.index("NCA", key)
+        lo, hi = model.params[j].lower, model.params[j].upper
+        start[:, j] = np.where(labels["NCA"][key] > (lo + hi) / 2, lo, hi)
+    ja = model.index("NCA", "a")
+    wrong = {}
+    for starts in (1, 8):
+        res = fit_batch(model, y, start, starts=starts)
+        z = np.abs(res.params[:, ja] - labels["NCA"]["a"]) / res.std[:, ja]
+        wrong[starts] = float(np.mean(~(z < 5)))
+    assert wrong[1] >= 0.1 and wrong[8] == 0.0, wrong

@@ -3,7 +3,8 @@
 Start values: the non-linear parameters (lattice, size, peak position/width) from PQ-Net's
 predictions where given, else the library's midpoints; then, at those, the linear ones (scales
 and background) by weighted bounded linear least squares per pixel (scales ≥ 0: non-negative
-least squares of the phase patterns and the Chebyshev polynomials).
+least squares of the phase patterns and the Chebyshev polynomials). Optionally each phase's
+lattice start is screened among quasi-random candidates of its box (:func:`screen_starts`).
 
 The optimiser sees every crystallite size as ``u = 1/size_nm`` (:class:`InverseSize`); results
 and standard errors are reported in nm.
@@ -16,6 +17,7 @@ import logging
 import numpy as np
 import torch
 from scipy import optimize
+from scipy.stats import qmc
 
 from xrdscale.fitting.lm import LMResult, levenberg_marquardt, poisson_weights
 from xrdscale.fitting.torch_model import PatternModel
@@ -66,6 +68,70 @@ def linear_start(model: PatternModel, y: torch.Tensor, theta: torch.Tensor,
         sol = optimize.lsq_linear(a / norm, yv[b] * sw[b], bounds=(lo * norm, hi * norm), method="bvls")
         out[b, linear] = torch.as_tensor(sol.x / norm, dtype=theta.dtype, device=theta.device)
     return out
+
+
+def _chi2(model: PatternModel, y: torch.Tensor, theta: torch.Tensor, windows: list[torch.Tensor],
+          weights: torch.Tensor) -> torch.Tensor:
+    """Weighted χ² of every pixel at θ (blocks of 64 pixels)."""
+    out = []
+    yv = torch.nan_to_num(y)
+    with torch.no_grad():
+        for s in range(0, theta.shape[0], 64):
+            r = yv[s:s + 64] - model(theta[s:s + 64], [wd[s:s + 64] for wd in windows])
+            out.append((weights[s:s + 64] * r * r).sum(dim=1))
+    return torch.cat(out)
+
+
+def screen_starts(model: PatternModel, y: torch.Tensor, theta: torch.Tensor, windows: list[torch.Tensor],
+                  weights: torch.Tensor | None, starts: int, seed: int = 0) -> torch.Tensor:
+    """The start of every pixel, its lattice screened phase by phase among ``starts`` candidates.
+
+    A lattice start more than about a peak width from the truth can lead Levenberg–Marquardt
+    into a neighbouring minimum (a peak fitted onto its neighbour). For each crystalline phase
+    with lattice parameters in turn, present (scale > 0) in some pixel, ``starts − 1``
+    quasi-random (Halton, seeded) points of its lattice box are tried besides the current
+    start, the linear parameters solved at each (:func:`linear_start`), and each pixel keeps
+    the lowest χ². The cost is that of the linear solves, a small part of a fit.
+
+    Parameters
+    ----------
+    model, y, theta, windows, weights
+        As :func:`linear_start` (``theta``: the start; its linear entries are replaced).
+    starts : int
+        Candidates per phase, the given start included; 1: no screening.
+    seed : int
+        Seed of the quasi-random points.
+
+    Returns
+    -------
+    torch.Tensor (B, P)
+        The screened starts, their linear parameters solved.
+    """
+    best = linear_start(model, y, theta, windows, weights)
+    if starts <= 1:
+        return best
+    w = poisson_weights(y) if weights is None else weights
+    best_chi = _chi2(model, y, best, windows, w)
+    by_phase: dict[str, list[int]] = {}
+    for j, p in enumerate(model.params):
+        if p.key in ("a", "c") and p.upper > p.lower:
+            by_phase.setdefault(p.phase, []).append(j)
+    for k, (phase, cols) in enumerate(by_phase.items()):
+        j_scale = model.index(phase, "scale")
+        if j_scale is not None and not bool((best[:, j_scale] > 0).any()):
+            continue
+        lo = model.lower[cols]
+        span = model.upper[cols] - lo
+        points = qmc.Halton(d=len(cols), seed=seed + k).random(starts - 1)
+        for u in torch.as_tensor(points, dtype=theta.dtype, device=theta.device):
+            cand = best.clone()
+            cand[:, cols] = lo + u * span
+            cand = linear_start(model, y, cand, windows, weights)
+            chi = _chi2(model, y, cand, windows, w)
+            better = chi < best_chi
+            best[better] = cand[better]
+            best_chi = torch.where(better, chi, best_chi)
+    return best
 
 
 class InverseSize:
@@ -129,7 +195,8 @@ def noise_weights(y: np.ndarray) -> np.ndarray:
 
 
 def fit_batch(model: PatternModel, y: np.ndarray, start: np.ndarray | None = None, *, max_iterations: int = 100,
-              tol: float = 1e-4, block: int = 64, weights: str = "poisson") -> LMResult:
+              tol: float = 1e-4, block: int = 64, weights: str = "poisson", starts: int = 8,
+              seed: int = 0) -> LMResult:
     """Fit patterns ``(B, npt)`` on the model's q grid; empty pixels (all NaN or all zero) get NaN.
 
     Parameters
@@ -149,6 +216,9 @@ def fit_batch(model: PatternModel, y: np.ndarray, start: np.ndarray | None = Non
         ``poisson``: ``1/max(y, 1)``, for patterns in counts (or proportional to counts);
         ``noise``: one weight per pattern from its own noise (:func:`noise_weights`), for
         reconstructed volumes.
+    starts, seed : int
+        Lattice start candidates per phase (:func:`screen_starts`; 1: the given start only) and
+        the seed of their quasi-random points.
 
     Returns
     -------
@@ -178,7 +248,7 @@ def fit_batch(model: PatternModel, y: np.ndarray, start: np.ndarray | None = Non
     else:
         raise ValueError(f"weights={weights!r}: use 'poisson' or 'noise'")
     windows = model.fit_windows(t)
-    t = linear_start(model, yt, t, windows, w)
+    t = screen_starts(model, yt, t, windows, w, starts, seed)
     inv = InverseSize(model)
     res = levenberg_marquardt(lambda th, aux: model(inv.to_model(th), aux), yt, inv.to_fit(t), inv.lower, inv.upper,
                               aux=windows, weights=w, max_iterations=max_iterations, tol=tol, block=block)

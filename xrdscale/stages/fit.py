@@ -191,6 +191,9 @@ class FitConfig(StageConfig):
                                                  "patterns), noise (one weight per pixel from its own noise: "
                                                  "reconstructed volumes, whose values are not counts), auto "
                                                  "(noise for a (y, x, q) volume, poisson for (frame, q) patterns)")
+    starts: int = Field(8, ge=1, le=256, description="lattice start candidates per phase, screened by chi2 "
+                                                      "before the fit (the given start and quasi-random points "
+                                                      "of the box; 1: the given start only)")
     sample: float = Field(1.0, gt=0, le=1, description="fit this random fraction of the pixels (seeded; the "
                                                       "others are NaN and not converged): a check of PQ-Net on a "
                                                       "sample costs that fraction of a full fit")
@@ -301,7 +304,8 @@ def _fit_block(block: np.ndarray, chosen: np.ndarray, hi: np.ndarray | None, w: 
                 rows = np.flatnonzero(ok)[~strong]
                 x[rows] = np.nan
         res = fit_batch(model, x, start, max_iterations=int(cfg["max_iterations"]), tol=float(cfg["tol"]),
-                        block=int(cfg["block"]), weights=str(cfg["weights_used"]))
+                        block=int(cfg["block"]), weights=str(cfg["weights_used"]),
+                        starts=int(cfg["starts"]), seed=int(cfg["seed"]))
     out = np.concatenate([res.params, res.std, res.rwp[:, None], res.chi2[:, None],
                           res.converged[:, None].astype(float), res.iterations[:, None].astype(float)], axis=1)
     assert out.shape[1] == nout
