@@ -22,18 +22,18 @@ pytestmark = pytest.mark.slow
 NPT = 400
 
 
-def _fit_library(bt, out) -> str:
-    """The beamtime's 13-phase library with only NCA's lattice and size free (the others: scale only)."""
+def _fit_library(bt) -> str:
+    """The beamtime's 13-phase library with only NCA's lattice and size free (the others: scale only).
+
+    Written beside the beamtime's library: its CIF and CeO2-pattern paths stay relative to it.
+    """
     lib = yaml.safe_load((bt / "phases" / "cell18650.yaml").read_text())
     for name, entry in lib["phases"].items():
         if name != "NCA":
             for key in ("a", "c", "size_nm"):
                 entry.pop(key, None)
-        if "cif" in entry:
-            entry["cif"] = str(bt / "phases" / entry["cif"])
-    lib["instrument"]["pattern"] = str(bt / "calib" / "ceo2.txt")
     lib["q_grid"]["npt"] = NPT
-    path = out / "phases.yaml"
+    path = bt / "phases" / "fit.yaml"
     path.write_text(yaml.safe_dump(lib))
     return str(path)
 
@@ -47,6 +47,7 @@ def _truth_on(volume, truth, var: str, phase: str = "NCA") -> tuple[np.ndarray, 
 
 
 def test_fit_from_pqnet_recovers_a_lattice_gradient_from_reconstructed_volumes(tmp_path):
+    from xrdscale.physics.phaselib import PhaseLibrary
     from xrdscale.pqnet.library import make_library
     from xrdscale.pqnet.train import train_ensemble
     from xrdscale.simulate.beamtime import simulate_beamtime
@@ -59,8 +60,9 @@ def test_fit_from_pqnet_recovers_a_lattice_gradient_from_reconstructed_volumes(t
 
     bt = tmp_path / "bt"
     simulate_beamtime(str(bt), "lattice", seed=2)
-    phases = _fit_library(bt, tmp_path)
-    lib = yaml.safe_load((tmp_path / "phases.yaml").read_text())
+    phases = _fit_library(bt)
+    lib = yaml.safe_load((bt / "phases" / "fit.yaml").read_text())
+    loaded = PhaseLibrary.load(phases)
     q = (lib["q_grid"]["min"], lib["q_grid"]["max"])
     pat = integrate(str(bt / "raw" / "c1-3.40V.nxs"), str(tmp_path / "patterns.zarr"),
                     poni=str(bt / "calib" / "demo.poni"), mask=str(bt / "calib" / "mask.edf"), npt=NPT, q_range=q,
@@ -71,9 +73,10 @@ def test_fit_from_pqnet_recovers_a_lattice_gradient_from_reconstructed_volumes(t
     model = str(tmp_path / "model")
     train_ensemble(library, model, ensemble=1, epochs=8, batch=64, outputs=["scale", "NCA.a", "NCA.c"],
                    parallel=False, device="cpu", bounds=0)
-    maps = storage.open_store(analyse(model, vol_url, str(tmp_path / "maps.zarr"), progress=False)).load()
-    fit_url = fit_maps(model, vol_url, str(tmp_path / "fit.zarr"), min_scale={"NCA": 0.3}, sample=0.5, seed=1,
-                       max_iterations=60, progress=False)
+    maps = storage.open_store(analyse(model, vol_url, str(tmp_path / "maps.zarr"), library=loaded,
+                                      progress=False)).load()
+    fit_url = fit_maps(model, vol_url, str(tmp_path / "fit.zarr"), library=loaded, min_scale={"NCA": 0.3},
+                       sample=0.5, seed=1, max_iterations=60, progress=False)
     fit = storage.open_store(fit_url).load()
     assert json.loads(fit.attrs["config"])["weights_used"] == "noise"   # a volume's values are not counts
 

@@ -219,7 +219,8 @@ def _run_fit(call: StageCall) -> None:
     from xrdscale.stages.fit import fit_compare, fit_maps
 
     volume = call.inputs.get("denoise") or call.inputs["reconstruct"]
-    fit_maps(call.inputs[MODEL], volume, call.out, config=call.spec.pipeline.fit, progress=False)
+    fit_maps(call.inputs[MODEL], volume, call.out, config=call.spec.pipeline.fit, library=_library(call.spec),
+             progress=False)
     fit_compare(call.out, call.inputs["analyse"], compare_url(call.out), config=call.spec.pipeline.fit_compare,
                 progress=False)
 

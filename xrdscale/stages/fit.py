@@ -224,8 +224,9 @@ def _is_model(url: str) -> bool:
     return storage.exists(storage.join(url, "model.json"))
 
 
-def _resolve(source: str, phases: str | PhaseLibrary | None, start: str) -> _Source:
-    """The phase library, q grid and (optional) model of ``source`` and ``phases``."""
+def _resolve(source: str, phases: str | PhaseLibrary | None, start: str,
+             library: PhaseLibrary | None = None) -> _Source:
+    """The phase library, q grid and (optional) model of ``source`` and ``phases`` (or ``library``)."""
     given: PhaseLibrary | None = None
     if isinstance(phases, PhaseLibrary):
         given = phases
@@ -235,6 +236,8 @@ def _resolve(source: str, phases: str | PhaseLibrary | None, start: str) -> _Sou
         from xrdscale.pqnet.registry import open_entry
 
         entry = open_entry(source)
+        if given is None and library is not None and library.text == entry.phases_yaml:
+            given = library       # the model's own library, loaded from its folder: relative paths resolve
         lib = given or PhaseLibrary.from_text(entry.phases_yaml, source=f"phases of model {storage.redact(source)}")
         if list(entry.spec.phases) != lib.phase_names:
             raise InputError(f"model {storage.redact(source)} predicts phases {list(entry.spec.phases)} but the "
@@ -325,8 +328,8 @@ def _pixels(ds: xr.Dataset, what: str) -> tuple[xr.DataArray, tuple[str, ...]]:
 
 
 def fit_maps(source: str, data: str, out: str, *, config: FitConfig | Mapping[str, Any] | None = None,
-             phases: str | PhaseLibrary | None = None, client: Any = None, progress: bool = True,
-             **settings: Any) -> str:
+             phases: str | PhaseLibrary | None = None, library: PhaseLibrary | None = None, client: Any = None,
+             progress: bool = True, **settings: Any) -> str:
     """Full-profile fits of every pixel of a ``patterns`` or ``volume`` store, as a ``maps`` store.
 
     Parameters
@@ -344,6 +347,10 @@ def fit_maps(source: str, data: str, out: str, *, config: FitConfig | Mapping[st
         Settings; keyword ``settings`` of the same names override it.
     phases : str or PhaseLibrary, optional
         With a model: the phase library to fit with (its phases must be the model's).
+    library : PhaseLibrary, optional
+        With a model: its training library already loaded from its own folder, used when its
+        text is the model's (so CIF and calibrant paths relative to the YAML resolve; a
+        campaign passes its spec's library); otherwise ignored.
     client : distributed.Client, optional
         Dask client (one task per ``batch`` pixels).
     progress : bool
@@ -366,7 +373,7 @@ def fit_maps(source: str, data: str, out: str, *, config: FitConfig | Mapping[st
     cfg = FitConfig.build(config, **settings)
 
     def body() -> str:
-        src = _resolve(source, phases, cfg.start)
+        src = _resolve(source, phases, cfg.start, library)
         ds = storage.open_store(data)
         what = f"{ds.attrs.get('stage') or 'input'} store {storage.redact(data)}"
         inten, pix_dims = _pixels(ds, what)
