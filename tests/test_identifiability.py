@@ -200,3 +200,23 @@ def test_bounds_can_be_skipped(tiny):
                for rec in entry.metrics["outputs"].values())
     table = idf.bounds_table(entry)
     assert table["r2_bound"].isna().all() and "–" in idf.format_table(table)
+
+
+def test_weakly_determined_outputs_are_marked_in_the_maps():
+    import xarray as xr
+
+    from xrdscale.pqnet.predict import _mark_weak
+
+    metrics = {"outputs": {"separator.scale": {"r2": 0.61, "r2_bound": 0.65, "mae": 0.1, "mae_bound": 0.09},
+                           "NCA.a": {"r2": 0.99, "r2_bound": 0.999, "mae": 1e-4, "mae_bound": 5e-5},
+                           "LiC6.size_nm": {"r2": 0.2, "r2_bound": 0.3, "mae": 90.0, "mae_bound": 80.0}}}
+    assert idf.weakly_determined(metrics) == ["separator.scale", "LiC6.size_nm"]
+    shape = (3, 2, 2)
+    maps = xr.Dataset({v: (("phase", "y", "x"), np.zeros(shape)) for v in ("scale", "scale_std", "a", "size")},
+                      coords={"phase": ["NCA", "LiC6", "separator"]})
+    _mark_weak(maps, metrics)
+    assert maps.attrs["weakly_determined"] == ["separator.scale", "LiC6.size_nm"]
+    assert maps["scale"].attrs["weakly_determined"] == ["separator"] == maps["scale_std"].attrs["weakly_determined"]
+    assert maps["size"].attrs["weakly_determined"] == ["LiC6"] and "weakly_determined" not in maps["a"].attrs
+    _mark_weak(maps := maps.drop_attrs(), {"outputs": {}})
+    assert maps.attrs["weakly_determined"] == []

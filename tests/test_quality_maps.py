@@ -135,6 +135,10 @@ def test_a_phase_missing_from_the_library_is_flagged_in_the_analyse_maps(ray_loc
     assert false <= 0.05, (false, np.bincount(ood[~dirty]))
     assert np.median(rwp[dirty]) > 3 * np.median(rwp[~dirty])
     assert maps.attrs["ood_residual_factor"] == 2.0 and maps.attrs["quality_reference_n"] == 512
+    from xrdscale.pqnet.identifiability import weakly_determined
+    from xrdscale.pqnet.registry import open_entry
+
+    assert maps.attrs["weakly_determined"] == weakly_determined(open_entry(model_url))
     # the analyse settings switch the maps off
     off = analyse(model_url, vol_url, str(tmp_path / "maps-off.zarr"), progress=False, quality=False)
     assert "ood" not in storage.open_store(off, stage="maps")

@@ -189,6 +189,10 @@ def _dataset_section(doc: _Doc, e: DatasetEntry, maps: xr.Dataset, *, centre, pi
         if da is not None:
             doc.figure(plots.map_grid(da, title=f"{e.id}: {var}", units=units, cmap=cmap), f"{e.id}_{var}",
                        f"{e.id}: {var} maps of every phase ({units})")
+    weak = list(maps.attrs.get("weakly_determined") or [])
+    if weak:
+        doc.p(f"Weakly determined by the data (the model's Cramér–Rao R² bound below 0.9, see Provenance): "
+              f"{', '.join(weak)}. Read these maps as the model's best guess, not a measurement.", "note")
     _quality_figure(doc, e, maps)
     try:
         yc, xc = centre if centre is not None else find_centre(maps)[:2]

@@ -541,6 +541,16 @@ def merge(metrics: dict[str, Any], bounds: Bounds | None) -> dict[str, Any]:
     return metrics
 
 
+def weakly_determined(entry: Any) -> list[str]:
+    """The outputs (``PHASE.param``) of a model whose Cramér–Rao R² bound is below :data:`WEAK_R2`.
+
+    Empty for entries trained without bounds. The analyse stage writes them into the maps
+    store's attrs (``weakly_determined`` of the store and of each variable).
+    """
+    table = bounds_table(entry)
+    return [str(o) for o, weak in zip(table["output"], table["weakly_determined"]) if weak is True]
+
+
 def bounds_table(entry: Any) -> pd.DataFrame:
     """Achieved and best achievable held-out accuracy of a trained model, one row per output.
 

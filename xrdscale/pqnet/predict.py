@@ -18,6 +18,7 @@ quality maps (one warning).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import dask.array as da
 import numpy as np
@@ -207,7 +208,22 @@ def predict_maps(ds: xr.Dataset, entry, pool: ServerPool, *, batch: int = 4096, 
     if qm is not None:
         maps = _with_quality(maps, pred[..., 2 * len(routes):], pix_dims, qm)
     maps.attrs.update(model_id=entry.id, source_stage=stage or "", ensemble=int(pool.members))
+    _mark_weak(maps, entry)
     return maps
+
+
+def _mark_weak(maps: xr.Dataset, entry: Any) -> None:
+    """``weakly_determined`` attrs: the model's outputs whose bound is below 0.9, and per variable their phases."""
+    from xrdscale.pqnet.identifiability import weakly_determined
+
+    weak = weakly_determined(entry)
+    maps.attrs["weakly_determined"] = weak
+    for output in weak:
+        phase, _, param = output.rpartition(".")
+        var = "size" if param == "size_nm" else param
+        for name in (var, f"{var}_std"):
+            if name in maps.data_vars:
+                maps[name].attrs["weakly_determined"] = [*maps[name].attrs.get("weakly_determined", []), phase]
 
 
 def _with_quality(maps: xr.Dataset, q: da.Array, pix_dims, qm: quality_.QualityModel) -> xr.Dataset:
