@@ -25,8 +25,10 @@ un-standardised output of a scale route is a sharp softplus of the route's affin
 ``scale / n = softplus_β(r · std + mean)`` with ``β = 10 / std``, so the transition to zero is
 about a tenth of the target's standard deviation wide and the output is the identity (to
 ``e⁻¹⁰``) wherever it is more than ``std`` above zero. :meth:`PQNet.standardised` returns
-``(scale / n − mean) / std`` of that output, so training (MAE on standardised targets) is
-unchanged in form. Entries written before this option keep their affine scale outputs
+``(scale / n − mean) / std`` of that output. Training takes its loss on the routes' affine
+outputs :meth:`PQNet.raw_outputs` instead (MAE on standardised targets): through the softplus,
+the patterns without a phase (target 0, output always > 0) push its route down with a gradient
+that fades as it goes, and a route can die at 0 (a 39-output model's separator did). Entries written before this option keep their affine scale outputs
 (:meth:`ModelSpec.from_dict` reads a missing key as False).
 
 The absolute units are those of the pattern model of shared/DESIGN.md,

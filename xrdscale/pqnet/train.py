@@ -202,7 +202,12 @@ def _train_member(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig
                 idx = order[i:i + cfg.batch]
                 xb, tb = xw[idx].to(cfg.device), tw[idx].to(cfg.device)
                 opt.zero_grad()
-                loss = loss_fn(model.standardised(xb), tb)
+                # The loss is taken on the routes' affine outputs, before the scale routes' softplus:
+                # through the softplus, every pattern without the phase (target 0, output > 0) pushes the
+                # route down, its gradient fades as it goes, and a route can die at 0 for every pattern
+                # (a 39-output model's separator did: R² −0.62). Predictions (and the validation
+                # loss) still go through the softplus: ≥ 0, within ln 2 / 10 of a std of max(r, 0).
+                loss = loss_fn(model.raw_outputs(xb), tb)
                 loss.backward()
                 opt.step()
                 total += loss.item() * len(idx)
