@@ -28,8 +28,9 @@ about a tenth of the target's standard deviation wide and the output is the iden
 ``(scale / n − mean) / std`` of that output. Training takes its loss on the routes' affine
 outputs :meth:`PQNet.raw_outputs` instead (MAE on standardised targets): through the softplus,
 the patterns without a phase (target 0, output always > 0) push its route down with a gradient
-that fades as it goes, and a route can die at 0 (a 39-output model's separator did). Entries written before this option keep their affine scale outputs
-(:meth:`ModelSpec.from_dict` reads a missing key as False).
+that fades as it goes, and a route can die at 0 (a 39-output model's separator did). Entries
+written before this option keep their affine scale outputs (:meth:`ModelSpec.from_dict` reads a
+missing key as False).
 
 The absolute units are those of the pattern model of shared/DESIGN.md,
 ``I_hkl = scale · m|F|² · LP / V²`` (:mod:`xrdscale.physics.pattern`), and they are the
