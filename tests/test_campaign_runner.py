@@ -195,3 +195,22 @@ def test_sigkill_driver_and_resume(tmp_path):
     assert {(r.dataset, r.stage) for r in rows if r.status == "skipped"} >= done_before
     assert len(rows) == 15
     _check_maps(spec, result)
+
+
+def test_a_failed_check_keeps_the_datasets_maps_in_the_report(tmp_path, dask_client):
+    """The fit (a check stage) failing on d1 fails d1, but its finished maps still reach the report."""
+    from xrdscale.campaign.stages import Stage
+
+    def _check(call):
+        if call.dataset.id == "d1":
+            raise RuntimeError("injected check failure")
+        storage.write_store(storage.open_store(call.inputs["analyse"]), call.out, stage="maps")
+
+    stages = [*doubles.stages()[:-1], Stage("fit", _check, lambda s: {}, needs=("analyse",), check=True),
+              doubles.stages()[-1]]
+    spec = load_spec(doubles.make_campaign(tmp_path, extra={"runner": {"retries": 0}}))
+    result, _ = _run(spec, stages)
+    assert set(result.failed) == {"d1"} and "injected check failure" in result.failed["d1"]
+    assert set(result.maps) == {"d0", "d1", "d2"}
+    _check_maps(spec, result)
+    assert list(storage.open_store(result.report)["dataset"].values) == [f"analyse:d{i}" for i in range(3)]

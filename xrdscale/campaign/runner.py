@@ -340,7 +340,13 @@ class Runner:
                                      config_hash=task.config_hash, input_hash=task.input_hash, output_url=task.out)
                     self._event(task, "failed", error=f"model unavailable: {exc}")
                     raise StageFailed(f"{task.dataset_id}: no model ({exc})") from exc
-            out = self.run_task(task)
+            try:
+                out = self.run_task(task)
+            except StageFailed as exc:
+                if task.stage.check and task is not tasks[0]:
+                    # the maps before it are finished (their task returned): they stay the result
+                    raise _CheckFailed(str(exc)) from exc
+                raise
         return out
 
     def run(self) -> RunResult:
@@ -365,6 +371,11 @@ class Runner:
                 for did, fut in futures.items():
                     try:
                         maps = fut.result()
+                    except _CheckFailed as exc:   # the fit failed, the maps did not: they are reported
+                        result.failed[did] = str(exc)
+                        finished[did] = plan.maps_task(did)
+                        result.maps[did] = finished[did].out
+                        continue
                     except StageFailed as exc:
                         result.failed[did] = str(exc)
                         continue
@@ -392,6 +403,10 @@ class Runner:
         finally:
             self.store.end_invocation(self.invocation, "done" if finished_ok else "failed")
         return result
+
+
+class _CheckFailed(StageFailed):
+    """A check stage (the fit) of a dataset failed after the dataset's maps were finished."""
 
 
 def open_job_store(spec: Any) -> JobStore:
