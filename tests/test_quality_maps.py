@@ -160,3 +160,20 @@ def test_a_library_with_relative_paths_is_used_when_given_loaded(tmp_path):
     assert quality.model_library(entry, None, lib) is lib
     with pytest.raises(XrdscaleError):
         quality.model_library(entry, None, None).phases  # noqa: B018 - the CIF path does not resolve from text
+
+
+def test_reconstruction_artefacts_raise_the_residual_floor_not_the_flag():
+    """Negative dips (FBP artefacts) enter R_art: a pattern that has them is judged against them."""
+    from xrdscale.physics.pattern import Instrument
+    from xrdscale.pqnet.quality import OOD_RESIDUAL, QualityModel
+
+    q = np.linspace(1.2, 2.8, 400)
+    qm = QualityModel(q=q, phases=(), instrument=Instrument(0.130509, W=4e-4), routes=(("none", "scale"),),
+                      fixed={}, ranges={}, present={}, bg_order=0)   # no phase: the implied pattern is 0
+    flat = np.full(q.size, 100.0) + np.random.default_rng(0).normal(0, 3, q.size)   # explained: the background
+    dips = -2e3 * np.exp(-0.5 * ((q[None, :] - np.array([[1.5], [2.5]])) / 0.01) ** 2).sum(axis=0)
+    clean, bumps, artefacts = flat, flat + np.abs(dips), flat + dips     # peaks no phase explains, or dips
+    rwp, _, _, rart = qm.statistics(np.stack([clean, bumps, artefacts]), np.zeros((3, 1)), artefacts=True)
+    assert rart[0] == 0 and rart[1] == 0 and rart[2] > 0.1
+    ood = qm.assess(np.stack([bumps, artefacts]), np.zeros((2, 1)), np.zeros((2, 1)))[:, 2].astype(int)
+    assert ood[0] & OOD_RESIDUAL and not ood[1] & OOD_RESIDUAL, (rwp, rart)

@@ -45,7 +45,8 @@ class AnalyseConfig(StageConfig):
     quality: bool = Field(True, description="residual (rwp, chi2) and out-of-distribution (ood) maps of the "
                                             "pattern implied by each pixel's prediction")
     ood_residual_factor: float = Field(2.0, gt=0, description="ood bit 1: rwp above this times sqrt(R_exp² + "
-                                                               "R_model²) (R_model: held-out library misfit)")
+                                                               "R_model² + R_art²) (R_model: held-out library "
+                                                               "misfit; R_art: the pixel's negative intensities)")
     ood_spread_factor: float = Field(1.5, gt=0, description="ood bit 2: ensemble spread score above this times "
                                                              "its held-out 99th percentile")
     ood_edge: float = Field(0.01, ge=0, lt=0.5, description="ood bit 4: fraction of a lattice/size range's "
