@@ -239,8 +239,8 @@ def _with_quality(maps: xr.Dataset, q: da.Array, pix_dims, qm: quality_.QualityM
     maps["ood"].attrs.update(long_name="out-of-distribution bit mask", flag_masks=bits,
                              flag_meanings=" ".join(quality_.OOD_BITS[b] for b in bits),
                              description="1: rwp above k sqrt(R_exp^2 + R_model^2 + R_art^2); 2: ensemble std "
-                                         "above its held-out level; 4: a lattice parameter or size at or beyond the edge of "
-                                         "its training range (see xrdscale.pqnet.quality)")
+                                         "above its held-out level; 4: a lattice parameter or size at or beyond the "
+                                         "edge of its training range (see xrdscale.pqnet.quality)")
     maps.attrs.update(qm.attrs())
     return maps
 
