@@ -28,6 +28,7 @@ False
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from typing import Any
 
@@ -95,9 +96,15 @@ def ensure(address: str | None = None, *, num_cpus: int | None = None) -> Any:
         try:
             ray.init(**init_kwargs(address, num_cpus=num_cpus))
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
+            auth = ""
+            if address and address.startswith("ray://") and not os.environ.get("RAY_AUTH_MODE"):
+                # measured: a Ray client without RAY_AUTH_MODE=token times out on a cluster with token auth
+                auth = ("; a cluster with token authentication (Ray's default) needs RAY_AUTH_MODE=token in this "
+                        "process's environment and the cluster's token in RAY_AUTH_TOKEN or ~/.ray/auth_token "
+                        "(`ray get-auth-token` on the head)")
             raise StorageError(
                 f"cannot connect to Ray at {address or 'a new local instance'}: {exc}; check that the Ray "
-                "cluster runs and the address (ray://host:10001)"
+                f"cluster runs and the address (ray://host:10001){auth}"
             ) from exc
         logger.debug("Ray connected (%s)", address or "new local instance")
     return ray
