@@ -208,3 +208,16 @@ def test_screened_starts_escape_the_wrong_minimum_of_a_far_lattice_start(rng):
         z = np.abs(res.params[:, ja] - labels["NCA"]["a"]) / res.std[:, ja]
         wrong[starts] = float(np.mean(~(z < 5)))
     assert wrong[1] >= 0.1 and wrong[8] == 0.0, wrong
+
+
+def test_counts_weights_are_poisson_in_any_unit(rng):
+    """Estimated intensity per count: the same weights (up to one factor) for counts and for counts / 10⁴."""
+    from xrdscale.fitting.batch import counting_weights
+
+    lib = PhaseLibrary.from_text(LIBRARY)
+    y, _, _ = counts_patterns(lib, 4, rng)
+    w1, w2 = counting_weights(y), counting_weights(y / 1e4)
+    ratio = w2 / w1
+    assert np.allclose(ratio, ratio[:, :1], rtol=1e-6) and ratio[0, 0] == pytest.approx(1e8, rel=1e-6)
+    g = 1 / (w1 * np.maximum(y, 1))                   # the gain of counts: about one (curvature inflates it)
+    assert np.all((np.median(g, axis=1) > 0.8) & (np.median(g, axis=1) < 1.6))

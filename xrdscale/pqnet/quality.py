@@ -56,6 +56,7 @@ import numpy as np
 import yaml
 
 from xrdscale.exceptions import XrdscaleError
+from xrdscale.physics.counting import counting_gain
 from xrdscale.physics.crystal import AmorphousPeak, Phase
 from xrdscale.physics.pattern import Instrument, simulate_patterns
 from xrdscale.physics.phaselib import PhaseLibrary, PhaseLibrarySpec, PhaseSpec
@@ -150,7 +151,7 @@ class QualityModel:
         x = 2 * (self.q - self.q[0]) / (self.q[-1] - self.q[0]) - 1
         vander = np.polynomial.chebyshev.chebvander(x, self.bg_order)          # (npt, k+1)
         resid -= (resid @ np.linalg.pinv(vander).T) @ vander.T                  # least-squares background
-        gain = _noise_gain(y, resid)
+        gain = counting_gain(y, resid)
         w = 1.0 / (gain * np.maximum(y, gain))
         dof = max(y.shape[1] - len(self.routes) - (self.bg_order + 1), 1)
         wy2 = (w * y ** 2).sum(axis=1)
@@ -246,18 +247,6 @@ def _relative_std(patterns: np.ndarray, std: np.ndarray, routes) -> np.ndarray:
     scale = np.array([k == "scale" for _, k in routes])
     std = np.asarray(std, dtype=np.float64)
     return np.where(scale[None, :], std / _norm(patterns)[:, None], std)
-
-
-def _noise_gain(y: np.ndarray, resid: np.ndarray) -> np.ndarray:
-    """Intensity per count ``g`` of each pattern ``(n, 1)``: ``var(Δ² r) ≈ 6 g max(y, g)``, robustly."""
-    d2 = resid[:, :-2] - 2 * resid[:, 1:-1] + resid[:, 2:]
-    mid = y[:, 1:-1]
-    floor = np.maximum(0.01 * np.abs(y).mean(axis=1, keepdims=True), 1e-30)
-    for _ in range(2):
-        z = np.abs(d2) / np.sqrt(6 * np.maximum(mid, floor))
-        gain = (np.median(z, axis=1, keepdims=True) / 0.6745) ** 2
-        floor = np.maximum(gain, 1e-30)
-    return np.maximum(gain, 1e-30)
 
 
 class _ModelLibrary(PhaseLibrary):

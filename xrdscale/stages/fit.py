@@ -170,7 +170,7 @@ MAP_VARS = {"scale": "scale", "a": "a", "c": "c", "size_nm": "size"}
 CHUNK_FLOATS = 4_000_000
 
 Start = Annotated[str, one_of(("auto", "model", "midpoint"), "start")]
-Weights = Annotated[str, one_of(("auto", "poisson", "noise"), "weights")]
+Weights = Annotated[str, one_of(("auto", "poisson", "counts", "noise"), "weights")]
 Device = Annotated[str, one_of(("auto", "cpu", "cuda"), "device")]
 
 
@@ -188,9 +188,11 @@ class FitConfig(StageConfig):
     background_order: int | None = Field(None, ge=0, le=8, description="Chebyshev order of the background "
                                                                         "(default: the library's)")
     weights: Weights = Field("auto", description="least-squares weights: poisson (1/counts: integrated "
-                                                 "patterns), noise (one weight per pixel from its own noise: "
-                                                 "reconstructed volumes, whose values are not counts), auto "
-                                                 "(noise for a (y, x, q) volume, poisson for (frame, q) patterns)")
+                                                 "patterns), counts (Poisson, the intensity per count "
+                                                 "estimated per pixel: counts in any unit), noise (one "
+                                                 "weight per pixel from its own noise: reconstructed "
+                                                 "volumes, whose values are not counts), auto (noise for a "
+                                                 "(y, x, q) volume, poisson for (frame, q) patterns)")
     starts: int = Field(8, ge=1, le=256, description="lattice start candidates per phase, screened by chi2 "
                                                       "before the fit (the given start and quasi-random points "
                                                       "of the box; 1: the given start only)")
