@@ -59,7 +59,7 @@ def test_grouped_phase_blocks_equal_separate_per_phase_modules(rng):
 
 
 def test_scale_outputs_are_a_sharp_softplus_and_never_negative(rng):
-    """scale / n = softplus_β(r·std + mean) with β = 10/std; standardised() standardises it; old specs stay affine."""
+    """scale / n = softplus_β(r·std + mean) with β = 100/std; standardised() standardises it; old specs stay as were."""
     torch.manual_seed(3)
     spec = tiny_spec()
     model = PQNet(spec).eval()
@@ -73,7 +73,8 @@ def test_scale_outputs_are_a_sharp_softplus_and_never_negative(rng):
         y, t = model(x), model.standardised(x / norm)
     z = r * std + mean
     scale = torch.tensor(spec.scale_mask)
-    beta = 10 / std
+    beta = spec.softplus_beta / std
+    assert spec.softplus_beta == 100.0
     ref = torch.where(scale, (z.clamp_min(0) + torch.log1p(torch.exp(-(beta * z).abs())) / beta), z)  # softplus_β
     torch.testing.assert_close(y[:, ~scale], z[:, ~scale])
     torch.testing.assert_close(y[:, scale] / norm, ref[:, scale], rtol=1e-5, atol=1e-7)
@@ -86,6 +87,8 @@ def test_scale_outputs_are_a_sharp_softplus_and_never_negative(rng):
     # entries written before the option keep their affine scale outputs
     old = {k: v for k, v in spec.to_dict().items() if k != "nonnegative_scale"}
     assert ModelSpec.from_dict(old).nonnegative_scale is False and ModelSpec.from_dict(spec.to_dict()) == spec
+    unrecorded = {k: v for k, v in spec.to_dict().items() if k != "softplus_beta"}   # softplus, before b was kept
+    assert ModelSpec.from_dict(unrecorded).softplus_beta == 10.0
     affine = PQNet(ModelSpec.from_dict(old)).eval()
     affine.load_state_dict(model.state_dict())
     with torch.inference_mode():

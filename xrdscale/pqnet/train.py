@@ -206,7 +206,7 @@ def _train_member(library_url: str, spec_dict: dict, seed: int, cfg: TrainConfig
                 # through the softplus, every pattern without the phase (target 0, output > 0) pushes the
                 # route down, its gradient fades as it goes, and a route can die at 0 for every pattern
                 # (a 39-output model's separator did: R² −0.62). Predictions (and the validation
-                # loss) still go through the softplus: ≥ 0, within ln 2 / 10 of a std of max(r, 0).
+                # loss) still go through the softplus: ≥ 0, within ln 2 / 100 of a std of max(r, 0).
                 loss = loss_fn(model.raw_outputs(xb), tb)
                 loss.backward()
                 opt.step()
