@@ -19,7 +19,7 @@ import torch
 from scipy import optimize
 from scipy.stats import qmc
 
-from xrdscale.fitting.lm import LMResult, levenberg_marquardt, poisson_weights
+from xrdscale.fitting.lm import LMResult, levenberg_marquardt, poisson_weights, weighted_chi2
 from xrdscale.fitting.torch_model import PatternModel
 from xrdscale.physics.counting import counting_gain
 
@@ -71,18 +71,6 @@ def linear_start(model: PatternModel, y: torch.Tensor, theta: torch.Tensor,
     return out
 
 
-def _chi2(model: PatternModel, y: torch.Tensor, theta: torch.Tensor, windows: list[torch.Tensor],
-          weights: torch.Tensor) -> torch.Tensor:
-    """Weighted χ² of every pixel at θ (blocks of 64 pixels)."""
-    out = []
-    yv = torch.nan_to_num(y)
-    with torch.no_grad():
-        for s in range(0, theta.shape[0], 64):
-            r = yv[s:s + 64] - model(theta[s:s + 64], [wd[s:s + 64] for wd in windows])
-            out.append((weights[s:s + 64] * r * r).sum(dim=1))
-    return torch.cat(out)
-
-
 def screen_starts(model: PatternModel, y: torch.Tensor, theta: torch.Tensor, windows: list[torch.Tensor],
                   weights: torch.Tensor | None, starts: int, seed: int = 0) -> torch.Tensor:
     """The start of every pixel, its lattice screened phase by phase among ``starts`` candidates.
@@ -112,7 +100,7 @@ def screen_starts(model: PatternModel, y: torch.Tensor, theta: torch.Tensor, win
     if starts <= 1:
         return best
     w = poisson_weights(y) if weights is None else weights
-    best_chi = _chi2(model, y, best, windows, w)
+    best_chi = weighted_chi2(model, y, best, windows, w)
     by_phase: dict[str, list[int]] = {}
     for j, p in enumerate(model.params):
         if p.key in ("a", "c") and p.upper > p.lower:
@@ -128,7 +116,7 @@ def screen_starts(model: PatternModel, y: torch.Tensor, theta: torch.Tensor, win
             cand = best.clone()
             cand[:, cols] = lo + u * span
             cand = linear_start(model, y, cand, windows, weights)
-            chi = _chi2(model, y, cand, windows, w)
+            chi = weighted_chi2(model, y, cand, windows, w)
             better = chi < best_chi
             best[better] = cand[better]
             best_chi = torch.where(better, chi, best_chi)

@@ -79,6 +79,22 @@ def poisson_weights(y: torch.Tensor) -> torch.Tensor:
     return torch.where(torch.isfinite(y), w, torch.zeros_like(w))
 
 
+def weighted_chi2(model: Callable[..., torch.Tensor], y: torch.Tensor, theta: torch.Tensor,
+                  aux: list[torch.Tensor], weights: torch.Tensor, *, block: int = 64) -> torch.Tensor:
+    """``Σ w (y − model(θ, aux))²`` of every row, ``block`` rows at a time (no gradients).
+
+    ``aux`` are the model's per-row constants, aligned with the rows of ``y`` and ``θ``; NaN
+    points of ``y`` count as 0 (their weight should be 0).
+    """
+    out = []
+    yv = torch.nan_to_num(y)
+    with torch.no_grad():
+        for s in range(0, theta.shape[0], block):
+            r = yv[s:s + block] - model(theta[s:s + block], [c[s:s + block] for c in aux])
+            out.append((weights[s:s + block] * r * r).sum(dim=1))
+    return torch.cat(out) if out else theta.new_zeros(0)
+
+
 def batched_jacobian(f: Callable[[torch.Tensor], torch.Tensor], theta: torch.Tensor) -> torch.Tensor:
     """``J[b, i, p] = ∂f(θ)[b, i] / ∂θ[b, p]`` of a function whose pixels are independent, ``(B, npt, P)``.
 
@@ -143,13 +159,7 @@ def levenberg_marquardt(model: Callable[..., torch.Tensor], y: torch.Tensor, the
     consts = list(aux or [])
 
     def chi2_of(th: torch.Tensor, yy: torch.Tensor, ww: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
-        out = []
-        with torch.no_grad():
-            for s in range(0, th.shape[0], block):
-                sub = rows[s:s + block]
-                r = yy[s:s + block] - model(th[s:s + block], [c[sub] for c in consts])
-                out.append((ww[s:s + block] * r * r).sum(dim=1))
-        return torch.cat(out) if out else th.new_zeros(0)
+        return weighted_chi2(model, yy, th, [c[rows] for c in consts], ww, block=block)
 
     def jac_of(th: torch.Tensor, rows: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         js, fs = [], []

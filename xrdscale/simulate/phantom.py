@@ -305,7 +305,7 @@ def _domain_params(rng: np.random.Generator, voltage: float) -> dict[str, dict[s
                 table[key] = np.exp(rng.uniform(np.log(lo), np.log(hi), n))
             elif phase == "NCA":
                 f = np.r_[np.full(_N_DOMAINS, (voltage - V_MIN) / (V_MAX - V_MIN)), np.zeros(_N_DOMAINS)]
-                mean = NCA_DISCHARGED[key] + f * (NCA_CHARGED[key] - NCA_DISCHARGED[key])
+                mean = _nca_lattice(key, f)
                 jitter = {"a": 0.002, "c": 0.01}[key]
                 table[key] = np.clip(mean + rng.uniform(-jitter, jitter, n), lo, hi)
             else:
@@ -313,6 +313,11 @@ def _domain_params(rng: np.random.Generator, voltage: float) -> dict[str, dict[s
                 table[key] = mid + rng.uniform(-0.5, 0.5, n) * half
         out[phase] = table
     return out
+
+
+def _nca_lattice(key: str, f: float | np.ndarray) -> float | np.ndarray:
+    """NCA ``a`` or ``c`` [Å] charged to ``f`` of the way from its discharged to its charged lattice."""
+    return NCA_DISCHARGED[key] + f * (NCA_CHARGED[key] - NCA_DISCHARGED[key])
 
 
 def _band(rho: np.ndarray) -> np.ndarray:
@@ -330,12 +335,11 @@ def _apply_gradient(table: dict[str, np.ndarray], voltage: float, gradient: floa
     lo_hi = RANGES["NCA"]
     for key in ("a", "c"):
         uniform = table[key][:_N_DOMAINS]
-        jitter = uniform - (NCA_DISCHARGED[key] + f0 * (NCA_CHARGED[key] - NCA_DISCHARGED[key]))
+        jitter = uniform - _nca_lattice(key, f0)
         parts = [table[key]]
         for band in range(GRADIENT_BANDS):
             f = np.clip(f0 + gradient * ((band + 0.5) / GRADIENT_BANDS - 0.5), 0.0, 1.0)
-            mean = NCA_DISCHARGED[key] + f * (NCA_CHARGED[key] - NCA_DISCHARGED[key])
-            parts += [np.clip(mean + jitter, *lo_hi[key]), np.full(_N_DOMAINS, np.nan)]
+            parts += [np.clip(_nca_lattice(key, f) + jitter, *lo_hi[key]), np.full(_N_DOMAINS, np.nan)]
         table[key] = np.concatenate(parts)
     size = table["size_nm"]
     table["size_nm"] = np.concatenate([size] + [size[:_N_DOMAINS], np.full(_N_DOMAINS, np.nan)] * GRADIENT_BANDS)
