@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import logging
+import os
 import socket
+import sys
 
 import pytest
 
@@ -126,3 +128,39 @@ def test_gpu_cluster_has_one_worker_per_gpu():
     with connect(LocalCluster(gpu=True, dashboard=False)) as (client, _):
         assert len(client.nthreads()) == torch.cuda.device_count()
         assert client.submit(lambda: __import__("torch").cuda.is_available()).result()
+
+
+def test_a_dask_worker_without_xrdscale_is_named_before_anything_runs(tmp_path):
+    """A worker whose environment lacks xrdscale: site-packages without its .pth files (``python -S``)."""
+    import subprocess
+    import sysconfig
+
+    from distributed import Client
+    from distributed import LocalCluster as DaskLocal
+
+    with DaskLocal(n_workers=0, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=":0") as dc:
+        env = {**os.environ, "PYTHONPATH": sysconfig.get_paths()["purelib"]}
+        worker = subprocess.Popen([sys.executable, "-S", "-m", "distributed.cli.dask_worker", dc.scheduler_address,
+                                   "--no-nanny", "--nthreads", "1", "--no-dashboard"], env=env, cwd=tmp_path,
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        try:
+            with Client(dc.scheduler_address, timeout=30) as c:
+                c.wait_for_workers(1, timeout=60)
+                bare = next(iter(c.scheduler_info()["workers"]))
+            with pytest.raises(ConfigError, match="cannot import xrdscale") as err:
+                with connect(AddressCluster(kind="address", dask=dc.scheduler_address)):
+                    pass
+            assert bare in str(err.value) and "install xrdscale==" in str(err.value)
+        finally:
+            worker.terminate()
+            worker.wait(30)
+
+
+def test_an_existing_dask_cluster_without_ray_refuses_a_private_ray(monkeypatch):
+    from distributed import LocalCluster as DaskLocal
+
+    with DaskLocal(n_workers=1, processes=False, protocol="tcp", host="127.0.0.1", dashboard_address=":0") as dc:
+        with connect(AddressCluster(kind="address", dask=dc.scheduler_address)) as (_, ray_handle):
+            with pytest.raises(ConfigError, match=r"cannot reach a Ray instance private to this driver.*ray://"):
+                ray_handle.ensure()
+            assert not ray_handle.started

@@ -447,11 +447,12 @@ def run_campaign(spec: Any, *, stages: Sequence[Stage] | None = None, on_event: 
     plan = Plan(spec, stages)
     for stage in plan.stages.values():
         stage.preflight(spec)  # e.g. a PONI pyFAI cannot use fails here, not in every integrate task
-    with connect(spec.cluster) as (client, ray_handle):
-        store = open_job_store(spec)
-        try:
+    storage.check_writable(spec.workspace, "the workspace")
+    store = open_job_store(spec)  # a wrong URL or password fails here, before the cluster starts
+    try:
+        with connect(spec.cluster) as (client, ray_handle):
             if on_connect is not None:
                 on_connect(client, plan)
             return Runner(plan, store, ray=ray_handle, on_event=on_event, retry_delay=retry_delay).run()
-        finally:
-            store.close()
+    finally:
+        store.close()

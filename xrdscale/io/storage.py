@@ -26,6 +26,7 @@ import uuid
 import warnings
 from collections.abc import Iterator, Mapping
 from typing import Any
+from urllib.parse import urlparse
 
 import fsspec
 import xarray as xr
@@ -469,6 +470,24 @@ def write_bytes(url: str, data: bytes) -> None:
             os.makedirs(parent, exist_ok=True)
         with fs.open(path, "wb") as f:
             f.write(data)
+
+
+def check_writable(url: str, what: str) -> None:
+    """Raise a :class:`StorageError` unless a small object can be written under ``url`` and removed.
+
+    Run before any work starts, so that a workspace in a bucket that does not exist (or is
+    read-only for these credentials) is one error, not a failure of every stage.
+    """
+    probe = join(url, f".xrdscale-probe-{os.getpid()}")
+    fs, path = filesystem(probe)
+    try:
+        write_bytes(probe, b"")
+        with io_errors(probe, f"remove the probe of {what}"):
+            fs.rm(path)
+    except StorageError as exc:
+        bucket = f" (does the bucket {urlparse(url).netloc!r} exist?)" if is_remote(url) else ""
+        raise StorageError(f"{what} {redact(url)} is not writable{bucket}: {exc}; fix the URL or create it first; "
+                           "nothing was started") from exc
 
 
 def read_bytes(url: str) -> bytes:

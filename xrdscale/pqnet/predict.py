@@ -62,7 +62,8 @@ def interpolation(q_data: np.ndarray, q_model: np.ndarray, what: str) -> tuple[n
 
 
 def _predict_block(block: np.ndarray, hi: np.ndarray, w: np.ndarray, names: list[str], address: str | None,
-                   batch: int, what: str, quality: quality_.QualityModel | None = None, block_info=None) -> np.ndarray:
+                   batch: int, what: str, quality: quality_.QualityModel | None = None, timeout: float | None = None,
+                   block_info=None) -> np.ndarray:
     loc = block_info[0]["array-location"] if block_info else [(0, 0)] * block.ndim
     pix_shape = block.shape[:-1]
     x = np.asarray(block, dtype=np.float32).reshape(-1, block.shape[-1])
@@ -75,7 +76,7 @@ def _predict_block(block: np.ndarray, hi: np.ndarray, w: np.ndarray, names: list
         raise InputError(f"{what}: the pattern at {where} contains NaN or infinite intensities "
                          f"({int(bad.sum())} bad pattern(s) in this chunk); mask or repair them before predicting")
     handles = actor_handles(names, address)
-    mean, std = predict_batches(handles, x, batch=batch, offset=int(loc[0][0]))
+    mean, std = predict_batches(handles, x, batch=batch, offset=int(loc[0][0]), timeout=timeout)
     parts = [mean, std]
     if quality is not None:
         parts.append(quality.assess(x, mean, std))
@@ -195,14 +196,16 @@ def predict_maps(ds: xr.Dataset, entry, pool: ServerPool, *, batch: int = 4096, 
         arr = arr.rechunk((min(per, arr.shape[0]), nq))
     routes = entry.spec.routes
     qm = None
+    timeout = getattr(pool, "timeout", None)
     if quality is not False:
         settings = quality if isinstance(quality, quality_.QualitySettings) else None
         handles = actor_handles(pool.names, pool.address)
-        qm = quality_.calibrate(entry, lambda x: predict_batches(handles, x, batch=batch), phases=phases,
+        qm = quality_.calibrate(entry, lambda x: predict_batches(handles, x, batch=batch, timeout=timeout),
+                                phases=phases,
                                 library=library,
                                 settings=settings)
     n_out = 2 * len(routes) + (len(quality_.CHANNELS) if qm is not None else 0)
-    pred = da.map_blocks(_predict_block, arr, hi, w, pool.names, pool.address, batch, what, qm,
+    pred = da.map_blocks(_predict_block, arr, hi, w, pool.names, pool.address, batch, what, qm, timeout,
                          dtype=np.float32, chunks=(*arr.chunks[:-1], (n_out,)))
     maps = _assemble(pred, routes, entry.spec.phases, pix_dims, ds)
     if qm is not None:

@@ -21,11 +21,11 @@ from typing import Any
 
 import numpy as np
 
-from xrdscale.exceptions import ConfigError
+from xrdscale.exceptions import ConfigError, StorageError
 from xrdscale.pqnet.engine import ENGINES, Ensemble
 from xrdscale.pqnet.registry import open_entry
 from xrdscale.runtime import ray as ray_runtime
-from xrdscale.runtime.devices import resolve_device
+from xrdscale.runtime.devices import degrade, resolve_device
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +33,17 @@ logger = logging.getLogger(__name__)
 NAMESPACE = ray_runtime.NAMESPACE
 #: Restarts of a crashed actor, and retries of a batch it was answering, before giving up.
 MAX_RESTARTS = 4
+#: dask config key: seconds an actor may take to start or to answer one batch (default 600).
+#: An actor whose node died and whose resources (a GPU) are gone stays pending forever; after
+#: this time the call fails, and the stage's retry starts a new pool on what the cluster has.
+CALL_TIMEOUT_KEY = "xrdscale.ray.call-timeout"
+
+
+def call_timeout() -> float:
+    """Seconds an inference actor may take to start or answer a batch (dask config ``xrdscale.ray.call-timeout``)."""
+    import dask
+
+    return float(dask.config.get(CALL_TIMEOUT_KEY, default=600.0))
 
 
 def ensemble_size(model_url: str, members: int | None = None) -> int:
@@ -84,6 +95,10 @@ class EnsembleServer:
         """Process id of the actor (used to check restarts)."""
         return os.getpid()
 
+    def device(self) -> str:
+        """The device the ensemble runs on (``cpu`` where a GPU Ray gave it has no usable CUDA)."""
+        return str(self.ensemble.device)
+
     def predict(self, batch_id: int, patterns: np.ndarray) -> tuple[int, np.ndarray, np.ndarray]:
         """Ensemble mean and std of ``patterns`` (batch, npt) on the model grid; idempotent."""
         mean, std = self.ensemble.predict(patterns)
@@ -108,10 +123,18 @@ class ServerPool:
         CPUs (and intra-op threads) per actor on CPU.
     members : int, optional
         Serve the first ``members`` members of the ensemble (default: all).
+    timeout : float, optional
+        Seconds the actors may take to start, and each batch call to return (default
+        :func:`call_timeout`).
+
+    Raises
+    ------
+    StorageError
+        The actors did not start within ``timeout`` (the message says what the cluster has).
     """
 
     def __init__(self, model_url: str, *, actors: int = 1, engine: str = "onnx", device: str = "auto",
-                 threads: int = 1, members: int | None = None) -> None:
+                 threads: int = 1, members: int | None = None, timeout: float | None = None) -> None:
         if actors < 1:
             raise ConfigError(f"actors={actors}; give at least 1")
         if engine not in ENGINES:
@@ -123,19 +146,35 @@ class ServerPool:
         device = resolve_device(device, what="pqnet inference",
                                 probe=lambda: None if gpus >= 1 else "the Ray cluster has no GPU")
         device = "cpu" if device == "cpu" else "cuda"  # an actor sees only the GPU Ray gives it
-        self.device = device
-        self.address = ray.get_runtime_context().gcs_address
+        self.timeout = call_timeout() if timeout is None else float(timeout)
+        self.address = ray_runtime.worker_address()
         tag = uuid.uuid4().hex[:8]
         self.names = [f"pqnet-{tag}-{i}" for i in range(actors)]
         cls = ray.remote(EnsembleServer)
-        # On CPU, share the cluster's CPUs between the actors rather than leave some pending forever.
-        cpus = min(float(threads), ray.cluster_resources().get("CPU", 1.0) / actors)
-        opts = {"num_gpus": 1, "num_cpus": 1} if device == "cuda" else {"num_cpus": cpus}
+        resources = ray.cluster_resources()
+        # On CPU, share the cluster's CPUs between the actors rather than leave some pending forever;
+        # on GPUs, more actors than GPUs share them.
+        cpus = min(float(threads), resources.get("CPU", 1.0) / actors)
+        opts = ({"num_gpus": min(1.0, gpus / actors), "num_cpus": min(1.0, cpus)} if device == "cuda"
+                else {"num_cpus": cpus})
         self.handles = [cls.options(name=n, namespace=NAMESPACE, max_restarts=MAX_RESTARTS,
                                     max_task_retries=MAX_RESTARTS, **opts).remote(model_url, engine, device, threads,
                                                                                    self.members)
                         for n in self.names]
-        ray.get([h.pid.remote() for h in self.handles])
+        try:
+            devices = ray.get([h.device.remote() for h in self.handles], timeout=self.timeout)
+        except ray.exceptions.GetTimeoutError as exc:
+            self.close()
+            raise StorageError(
+                f"the {actors} inference actor(s) ({opts}) did not start within {self.timeout:.0f} s; the Ray "
+                f"cluster has {resources.get('CPU', 0):g} CPU and {resources.get('GPU', 0):g} GPU in all: check that "
+                "its nodes are alive (`ray status`), or ask for fewer actors or threads") from exc
+        if device == "cuda" and "cpu" in devices:
+            # the actors' own INFO line is in Ray's logs; the driver says it once too
+            degrade("pqnet inference", f"the Ray cluster declares {gpus:g} GPU(s), but CUDA is not usable on the "
+                                       "node the actors were placed on")
+            device = "cpu"
+        self.device = device
         logger.info("serving %s (%d member(s)) from %d actor(s) on %s (%s)", model_url, self.members, actors,
                     device, engine)
 
@@ -179,12 +218,19 @@ def actor_handles(names: Sequence[str], address: str | None) -> list:
 
 
 def predict_batches(handles: Sequence, patterns: np.ndarray, *, batch: int, offset: int = 0,
-                    attempts: int = MAX_RESTARTS) -> tuple[np.ndarray, np.ndarray]:
+                    attempts: int = MAX_RESTARTS, timeout: float | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Send ``patterns`` in batches round-robin to the actors; return mean and std.
 
     Batches whose actor died are re-sent (``predict`` is idempotent) until ``attempts``
     failures, while Ray restarts the actor.
+
+    Raises
+    ------
+    StorageError
+        A batch got no answer within ``timeout`` seconds (default :func:`call_timeout`): an
+        actor whose node died waits for resources that may never come back.
     """
+    timeout = call_timeout() if timeout is None else timeout
     import ray
 
     starts = list(range(0, len(patterns), batch))
@@ -196,8 +242,11 @@ def predict_batches(handles: Sequence, patterns: np.ndarray, *, batch: int, offs
         failed = None
         for ref in refs:
             try:
-                s, mean, std = ray.get(ref)
+                s, mean, std = ray.get(ref, timeout=timeout)
                 results[s] = (mean, std)
+            except ray.exceptions.GetTimeoutError as exc:
+                raise StorageError(f"an inference actor did not answer within {timeout:.0f} s (its Ray node may be "
+                                   "gone, and its resources with it); the stage can be retried") from exc
             except (ray.exceptions.RayActorError, ray.exceptions.ActorUnavailableError) as exc:
                 failed = exc
         if failed is None:

@@ -37,8 +37,8 @@ from xrdscale.exceptions import ConfigError, StorageError
 from xrdscale.runtime.ray import RayHandle
 
 __all__ = ["CLOSE_TIMEOUT", "WORKER_MALLOC_ENV", "AddressCluster", "ClusterSpec", "Connection", "KubernetesCluster",
-           "LocalCluster", "RayHandle", "check_reachable", "cluster_from_option", "connect", "worker_environ",
-           "worker_log_level", "worker_ray_environ"]
+           "LocalCluster", "RayHandle", "check_reachable", "check_workers", "cluster_from_option", "connect",
+           "worker_environ", "worker_log_level", "worker_ray_environ"]
 
 logger = logging.getLogger(__name__)
 
@@ -248,11 +248,17 @@ def connect(spec: LocalCluster | AddressCluster | KubernetesCluster) -> Iterator
             client = Client(spec.dask, timeout=spec.timeout)
         except (OSError, TimeoutError) as exc:
             raise StorageError(f"cannot connect to the Dask scheduler at {spec.dask}: {exc}") from exc
-        ray_handle = RayHandle(spec.ray or None)
+        try:
+            check_workers(client, f"the Dask scheduler at {spec.dask}")
+        except BaseException:
+            client.close()
+            raise
+        ray_handle = RayHandle(spec.ray or None, private_to=_remote_workers(client, spec.dask))
     elif isinstance(spec, KubernetesCluster):
         cluster = _kube_cluster(spec)
         client = Client(cluster, timeout=spec.timeout)
-        ray_handle = RayHandle(spec.ray or None)
+        check_workers(client, f"DaskCluster {spec.dask_cluster or 'xrdscale'}")
+        ray_handle = RayHandle(spec.ray or None, private_to=f"DaskCluster {spec.dask_cluster or 'xrdscale'}")
     else:
         raise ConfigError(f"unknown cluster kind {kind!r}; expected local, address or kubernetes")
     if client.dashboard_link and getattr(spec, "dashboard", True):
@@ -261,6 +267,50 @@ def connect(spec: LocalCluster | AddressCluster | KubernetesCluster) -> Iterator
         yield Connection(client, ray_handle)
     finally:
         _close(client, cluster if kind == "local" else None, ray_handle)
+
+
+#: what each worker evaluates to report its xrdscale version (a builtin, so unpickling needs nothing of xrdscale)
+_VERSION_PROBE = "__import__('xrdscale').__version__"
+
+
+def check_workers(client: Any, where: str) -> None:
+    """Raise a :class:`ConfigError` naming the Dask workers that lack this driver's xrdscale.
+
+    A worker without xrdscale (or with another version) fails every task it gets, with a
+    deserialisation error per task; this finds it before anything runs.
+
+    Parameters
+    ----------
+    client : distributed.Client
+        Connected client.
+    where : str
+        The cluster, as named in the message.
+    """
+    import xrdscale
+
+    results = client.run(eval, _VERSION_PROBE, on_error="return")
+    missing = {w: r for w, r in results.items() if isinstance(r, BaseException)}
+    other = {w: r for w, r in results.items() if not isinstance(r, BaseException) and r != xrdscale.__version__}
+    if missing:
+        first = next(iter(missing.values()))
+        raise ConfigError(
+            f"{len(missing)} Dask worker(s) of {where} cannot import xrdscale ({', '.join(sorted(missing))}: "
+            f"{type(first).__name__}: {first}); install xrdscale=={xrdscale.__version__} in the workers' "
+            "environment (the cluster's image); nothing was started")
+    if other:
+        raise ConfigError(
+            f"Dask worker(s) of {where} run xrdscale {', '.join(sorted(set(map(str, other.values()))))} and this "
+            f"driver {xrdscale.__version__} ({', '.join(sorted(other))}); run the same version everywhere")
+
+
+def _remote_workers(client: Any, address: str) -> str | None:
+    """``address`` when the scheduler is another process (its workers cannot share this driver's Ray)."""
+    from distributed.deploy.local import LocalCluster as DaskLocalCluster
+
+    cluster = getattr(client, "cluster", None)
+    if isinstance(cluster, DaskLocalCluster) or address.startswith("inproc://"):
+        return None
+    return address
 
 
 def _ray_disconnect() -> None:
