@@ -25,7 +25,7 @@ import yaml
 
 from xrdscale.testing.cluster import ClusterBox
 
-pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.postgres]
+pytestmark = [pytest.mark.slow, pytest.mark.s3, pytest.mark.postgres, pytest.mark.timeout(3000)]
 
 XRDSCALE = [sys.executable, "-m", "xrdscale.cli"]
 #: a smaller training than the demo's, the rest of the demo spec as it is
@@ -240,3 +240,64 @@ def test_a_node_failure_mid_run_finishes_with_the_same_maps(box, beamtime, runs)
     print(json.dumps(report))
     assert not box.running()["dask-worker-1"] and not box.running()["ray-node"]
     assert "attempt 1/" in text  # the failure was seen, and retried
+
+
+# -- bad input, on the same box -------------------------------------------------------------------
+
+def _complete_stores(fs, prefix: str) -> list[str]:
+    return [p for p in fs.find(prefix) if p.endswith(".xrdscale-complete")] if fs.exists(prefix) else []
+
+
+def _fails_cleanly(out: subprocess.CompletedProcess, fs, prefix: str) -> str:
+    assert out.returncode != 0, out.stdout[-3000:]
+    errors = [line for line in out.stdout.splitlines() if line.startswith("error:")]
+    assert len(errors) == 1, out.stdout[-3000:]
+    assert "Traceback" not in out.stdout
+    assert _complete_stores(fs, prefix) == []
+    return errors[0]
+
+
+def test_a_ray_cluster_of_another_ray_version_is_said_plainly(box, beamtime, tmp_path):
+    """The driver claims another Ray version (patched in its process); the cluster's answer is real."""
+    argv = ["xrdscale", "campaign", "run", beamtime["box"], "--cluster", box.cluster_option, "--workspace",
+            f"s3://{box.bucket}/mismatch"]
+    code = ("import runpy, sys, ray; ray.__version__ = '2.0.0'; sys.argv = " + repr(argv)
+            + "; runpy.run_module('xrdscale.cli', run_name='__main__')")
+    with open(tmp_path / "mismatch.log", "w") as f:
+        proc = subprocess.run([sys.executable, "-c", code], env=_box_env(box), stdout=f, stderr=subprocess.STDOUT,
+                              timeout=600, cwd=tmp_path)
+    out = subprocess.CompletedProcess(proc.args, proc.returncode, (tmp_path / "mismatch.log").read_text(), "")
+    import ray
+
+    error = _fails_cleanly(out, beamtime["fs"], f"{box.bucket}/mismatch")
+    assert f"runs Ray {ray.__version__} on Python" in error and "this driver Ray 2.0.0" in error
+
+
+def test_an_unreachable_ray_client_address_fails_before_anything_starts(box, beamtime, tmp_path):
+    from xrdscale.testing.cluster import _free_port
+
+    port = _free_port()
+    out = _run(["campaign", "run", beamtime["box"], "--cluster", f"{box.addresses['dask']},ray://127.0.0.1:{port}",
+                "--workspace", f"s3://{box.bucket}/noray"], _box_env(box), tmp_path / "noray.log", timeout=300)
+    error = _fails_cleanly(out, beamtime["fs"], f"{box.bucket}/noray")
+    assert f"cannot reach the Ray cluster at ray://127.0.0.1:{port}" in error
+
+
+def test_a_workspace_bucket_that_does_not_exist_fails_before_anything_starts(box, beamtime, tmp_path):
+    out = _run(["campaign", "run", beamtime["box"], "--cluster", box.cluster_option, "--workspace",
+                "s3://no-such-bucket/ws"], _box_env(box), tmp_path / "bucket.log", timeout=300)
+    error = _fails_cleanly(out, beamtime["fs"], f"{box.bucket}/ws")
+    assert "s3://no-such-bucket/ws is not writable" in error and "'no-such-bucket' exist" in error
+    assert "Dask dashboard" not in out.stdout and "Ray started" not in out.stdout
+
+
+def test_a_wrong_database_password_is_not_echoed(box, beamtime, tmp_path):
+    wrong = "wrong-" + box.secret_values[-1][:8]
+    url = box.job_store_url.replace(f":{box._secrets['pg_password']}@", f":{wrong}@")
+    env = {**_box_env(box), "XRDSCALE_JOB_STORE_URL": url}
+    out = _run(["campaign", "run", beamtime["box"], "--cluster", box.cluster_option, "--workspace",
+                f"s3://{box.bucket}/pw"], env, tmp_path / "pw.log", timeout=300)
+    error = _fails_cleanly(out, beamtime["fs"], f"{box.bucket}/pw")
+    assert "password authentication failed" in error
+    assert wrong not in out.stdout and box._secrets["pg_password"] not in out.stdout
+    assert "Dask dashboard" not in out.stdout

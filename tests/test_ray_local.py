@@ -16,6 +16,8 @@ pytestmark = pytest.mark.slow
 
 #: A fresh process asks xrdscale for its local Ray and runs a task on it.
 PROBE = """
+import logging
+logging.basicConfig(level=logging.INFO)
 from xrdscale.runtime import ray as xray
 ray = xray.ensure(num_cpus=1)
 @ray.remote
@@ -32,10 +34,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _probe() -> str:
+def _probe(state: str | None = None) -> str:
     proc = subprocess.run([sys.executable, "-c", PROBE], capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "result 42" in proc.stdout, proc.stdout
+    if state is not None:   # the other cluster is named in one line, and not followed
+        lines = [ln for ln in proc.stderr.splitlines() if "a Ray cluster recorded at" in ln]
+        assert len(lines) == 1 and state in lines[0], proc.stderr[-3000:]
     return proc.stdout.split()[1]
 
 
@@ -54,9 +59,9 @@ def test_local_ray_starts_its_own_instance_beside_a_running_and_a_dead_cluster(t
             except OSError:
                 assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
                 time.sleep(0.5)
-        gcs = _probe()
+        gcs = _probe(state=f":{port} runs")
         assert not gcs.endswith(f":{port}")        # a private instance, not the running cluster
     finally:
         os.killpg(head.pid, signal.SIGKILL)        # the cluster dies; Ray's record of it stays behind
         head.wait(timeout=30)
-    assert not _probe().endswith(f":{port}")
+    assert not _probe(state=f":{port} is not running").endswith(f":{port}")

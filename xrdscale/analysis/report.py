@@ -143,12 +143,13 @@ class _Doc:
                           f"data-file='figures/{fname}'><figcaption>{html.escape(caption)}</figcaption></figure>")
         self.n_figures += 1
 
-    def render(self, title: str) -> str:
+    def render(self, title: str, refresh: int | None = None) -> str:
         style = ("body{font-family:sans-serif;margin:2em;max-width:1400px}img{max-width:100%}"
                  "table.data{border-collapse:collapse;font-size:12px}table.data td,table.data th{border:1px solid #ccc;"
                  "padding:2px 6px}figure{margin:1em 0}figcaption{font-size:13px;color:#444}.note{color:#a60}")
-        return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
-                f"<style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(self.parts)}</body></html>")
+        reload = f"<meta http-equiv='refresh' content='{int(refresh)}'>" if refresh else ""
+        return (f"<!DOCTYPE html><html lang='en'><head><meta charset='utf-8'>{reload}"
+                f"<title>{html.escape(title)}</title><style>{style}</style></head><body><h1>{html.escape(title)}</h1>{''.join(self.parts)}</body></html>")
 
 
 def _inline(text: str) -> str:
@@ -344,7 +345,7 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
                  centre: tuple[float, float] | None = None, pitch: float | None = None,
                  phases: Mapping[str, object] | None = None, progress: bool = True,
                  cdi: Sequence[str] = (), xcs: Sequence[str] = (), roughness: Sequence[str] = (),
-                 fits: Mapping[str, str] | None = None) -> str:
+                 fits: Mapping[str, str] | None = None, refresh: int | None = None) -> str:
     """Write the campaign report ``report.html`` (+ ``figures/*.png``, ``roi_table.csv``) to ``out_dir``.
 
     Parameters
@@ -382,6 +383,8 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
     fits : mapping, optional
         Dataset id → its ``fit-compare`` store (``xrdscale fit compare`` of the full-profile
         fit against PQ-Net), one section together (:mod:`xrdscale.analysis.fit_report`).
+    refresh : int, optional
+        Seconds after which a browser reloads the page (live mode); none by default.
 
     Returns
     -------
@@ -459,6 +462,6 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
     if not rois_all.empty:
         storage.write_bytes(storage.join(out_dir, "roi_table.csv"), rois_all.to_csv(index=False).encode())
     url = storage.join(out_dir, "report.html")
-    storage.write_bytes(url, doc.render(title).encode("utf-8"))
+    storage.write_bytes(url, doc.render(title, refresh).encode("utf-8"))
     logger.info("report with %d figures: %s", doc.n_figures, storage.redact(url))
     return url

@@ -99,7 +99,8 @@ class Plan:
         self.model_tasks: list[Task] = []
         self.model_url: str | None = spec.model
         model_key: str = ""
-        if spec.model is None and spec.datasets():  # a CDI-only campaign needs no model
+        # a CDI-only campaign needs no model; a live one trains it before its first dataset lands
+        if spec.model is None and (spec.datasets() or getattr(spec, "watch", None) is not None):
             done: dict[str, Task] = {}
             for s in self.stages.values():
                 if s.scope == "model":

@@ -166,6 +166,38 @@ class Cycle(_Model):
     datasets: list[Dataset] = Field(min_length=1)
 
 
+class WatchConfig(_Model):
+    """Live mode (``campaign watch``): datasets join the campaign as their raw files land.
+
+    A file is *complete* when, with ``complete: stable``, its size and modification time have
+    not changed for ``stable_seconds`` and it opens as HDF5 with its frames readable; with
+    ``complete: marker``, when a sidecar ``<file><marker>`` exists (the writer creates it
+    last). A file not complete ``timeout`` seconds after it was first seen is reported and
+    never analysed.
+    """
+
+    pattern: str = Field(description="raw files to pick up: a glob relative to the spec (or a URL) whose fields "
+                                     "{id}, {cycle}, {voltage}, {state} are read from the file name, e.g. "
+                                     "raw/c{cycle}-{voltage}V.nxs ({voltage} also reads 2p65 as 2.65)")
+    cycle: int = Field(1, description="cycle of a file whose name has no {cycle}")
+    state: str = Field("operando", description="state of a file whose name has no {state} and whose NeXus "
+                                               "entry/sample/state is absent")
+    complete: Literal["stable", "marker"] = "stable"
+    stable_seconds: float = Field(10.0, ge=0, description="seconds a file must stay unchanged (complete: stable)")
+    marker: str = Field(".done", min_length=1, description="suffix of the sidecar marker (complete: marker)")
+    timeout: float = Field(3600.0, gt=0, description="seconds after which a file that never completes is reported")
+    warn_every: float = Field(300.0, gt=0, description="seconds between warnings that the pattern matches nothing")
+    refresh: int = Field(30, ge=1, description="seconds between reloads of the HTML report in a browser")
+
+    @field_validator("pattern")
+    @classmethod
+    def _fields_known(cls, value: str) -> str:
+        from xrdscale.campaign.watch import template_fields
+
+        template_fields(value)  # raises ValueError naming an unknown field
+        return value
+
+
 class CampaignSpec(_Model):
     """A whole campaign (the campaign spec of the README).
 
@@ -187,13 +219,14 @@ class CampaignSpec(_Model):
                                                                    "crystal)")
     xcs: list[XcsCell] = Field(default_factory=list, description="cells imaged by Compton scattering and CT "
                                                                  "(states of charge of one cell)")
+    watch: WatchConfig | None = Field(None, description="live mode: pick up datasets as their raw files land")
 
     @model_validator(mode="after")
     def _something_to_do(self) -> CampaignSpec:
-        if not self.cycles and not self.cdi and not self.xcs:
-            raise ValueError("a campaign needs cycles (XRD-CT datasets), cdi (Bragg CDI series) or xcs (Compton "
-                             "imaging cells); it has none")
-        if self.cycles and self.geometry is None:
+        if not self.cycles and not self.cdi and not self.xcs and self.watch is None:
+            raise ValueError("a campaign needs cycles (XRD-CT datasets), cdi (Bragg CDI series), xcs (Compton "
+                             "imaging cells) or watch (datasets that land during a beamtime); it has none")
+        if (self.cycles or self.watch is not None) and self.geometry is None:
             raise ValueError("geometry (a PONI file) is needed by the XRD-CT datasets of cycles")
         ids = [d.id for d in self.datasets()] + [c.id for c in self.cdi] + [c.id for c in self.xcs]
         repeated = sorted({i for i in ids if ids.count(i) > 1})
@@ -282,13 +315,14 @@ def resolve_paths(spec: CampaignSpec, base_dir: str | None) -> CampaignSpec:
     absorption = spec.pipeline.absorption.model_copy(update={"mu_map": r(spec.pipeline.absorption.mu_map),
                                                              "maps": r(spec.pipeline.absorption.maps)})
     pipeline = spec.pipeline.model_copy(update={"absorption": absorption})
+    watch = None if spec.watch is None else spec.watch.model_copy(update={"pattern": r(spec.watch.pattern)})
     job_store = spec.job_store
     if job_store is not None and job_store.startswith("sqlite:///") and not job_store.startswith("sqlite:////"):
         job_store = "sqlite:///" + storage.resolve(job_store.removeprefix("sqlite:///"), base_dir)
     return spec.model_copy(update={
         "workspace": r(spec.workspace), "phases": r(spec.phases), "model": r(spec.model),
         "geometry": geometry, "cycles": cycles, "job_store": job_store, "pipeline": pipeline, "cdi": cdi,
-        "xcs": xcs,
+        "xcs": xcs, "watch": watch,
     })
 
 

@@ -1,4 +1,4 @@
-"""``xrdscale campaign run|status|report``: run a whole campaign, see where it stands, write its report."""
+"""``xrdscale campaign run|watch|status|report``: run a campaign or follow one live, see where it stands, report."""
 
 from __future__ import annotations
 
@@ -74,6 +74,62 @@ def run_and_print(spec, *, note: str | None = None) -> None:
         for did, err in result.failed.items():
             console.print(f"[bold red]failed[/] {did}: {err}", highlight=False, soft_wrap=True)
         console.print(f"{len(result.failed)} failure(s); fix the cause and run the same command again to resume")
+        raise typer.Exit(1)
+
+
+@app.command("watch")
+def watch_cmd(
+    spec_url: str = SPEC_ARG,
+    workspace: str | None = WORKSPACE_OPT,
+    poll: float = typer.Option(10.0, "--poll", min=0.1, help="Seconds between listings of the watched files."),
+    cluster: str | None = typer.Option(None, "--cluster", "-c", help="As for `campaign run`."),
+    max_datasets: int | None = typer.Option(None, "--max-datasets", min=1,
+                                            help="Stop after this many new datasets (default: run until Ctrl-C)."),
+) -> None:
+    """Live mode: process each dataset as its raw file lands (the spec's `watch:` section), until Ctrl-C."""
+    from xrdscale.runtime.cluster import cluster_from_option
+
+    spec = _load(spec_url, workspace)
+    if cluster is not None:
+        spec = spec.model_copy(update={"cluster": cluster_from_option(cluster, spec.cluster)})
+    watch_and_print(spec, poll=poll, max_datasets=max_datasets)
+
+
+def watch_and_print(spec, *, poll: float, max_datasets: int | None = None, stop=None, on_processed=None) -> None:
+    """Watch ``spec`` with live progress; print each dataset's latency; exit 130 on Ctrl-C."""
+    from xrdscale.campaign.progress import CampaignProgress
+    from xrdscale.campaign.watch import watch_campaign
+
+    console = Console(stderr=True)
+    out = Console()
+
+    def landed(did: str, latency: float | None, report: str | None) -> None:
+        if latency is None:
+            console.print(f"[bold red]failed[/] {did} (see above); the watch goes on", highlight=False)
+        else:
+            where = storage.redact(storage.join(report, "report.html")) if report else "-"
+            out.print(f"{did}: maps in the report {latency:.0f} s after its file landed ({where})", highlight=False,
+                      soft_wrap=True)
+        if on_processed is not None:
+            on_processed(did)
+
+    try:
+        with CampaignProgress(console) as progress:
+            result = watch_campaign(spec, poll=poll, max_datasets=max_datasets, stop=stop, on_event=progress.event,
+                                    on_connect=progress.connected, on_dataset=landed)
+    except KeyboardInterrupt:
+        console.print("stopped (Ctrl-C); stages that were running are not marked complete, and the same command "
+                      "resumes them")
+        raise typer.Exit(130) from None
+    for url, why in result.refused.items():
+        console.print(f"[yellow]not analysed[/] {storage.redact(url)}: {why}", highlight=False, soft_wrap=True)
+    if result.latency:
+        values = sorted(result.latency.values())
+        out.print(f"{len(values)} dataset(s); landing to report: median {values[len(values) // 2]:.0f} s, "
+                  f"max {values[-1]:.0f} s", highlight=False)
+    if result.failed:
+        for did, err in result.failed.items():
+            console.print(f"[bold red]failed[/] {did}: {err}", highlight=False, soft_wrap=True)
         raise typer.Exit(1)
 
 

@@ -95,6 +95,8 @@ def ensure(address: str | None = None, *, num_cpus: int | None = None) -> Any:
     with _lock:
         if ray.is_initialized():
             return ray
+        if address is None:
+            _note_recorded_cluster()
         try:
             _init(ray, address, num_cpus)
         except (ConnectionError, TimeoutError, RuntimeError) as exc:
@@ -114,6 +116,42 @@ def ensure(address: str | None = None, *, num_cpus: int | None = None) -> Any:
         _connected["address"] = address
         logger.debug("Ray connected (%s)", address or "new local instance")
     return ray
+
+
+def recorded_cluster() -> str | None:
+    """The GCS address in Ray's record of the last cluster ``ray start`` ran on this machine, if any.
+
+    The record (``/tmp/ray/ray_current_cluster``) outlives a cluster that was killed.
+    """
+    try:
+        from ray._common.utils import get_ray_address_file
+
+        path = get_ray_address_file(None)
+    except ImportError:  # Ray moved it: the default place
+        import tempfile
+
+        path = os.path.join(tempfile.gettempdir(), "ray", "ray_current_cluster")
+    try:
+        with open(path) as f:
+            return f.read().strip() or None
+    except OSError:
+        return None
+
+
+def _note_recorded_cluster() -> None:
+    """One INFO line when Ray has a record of another cluster on this machine: it is not followed."""
+    import socket
+
+    recorded = recorded_cluster()
+    if not recorded:
+        return
+    host, _, port = recorded.rpartition(":")
+    try:
+        socket.create_connection((host, int(port)), timeout=0.5).close()
+        state = "runs"
+    except (OSError, ValueError):
+        state = "is not running (a stale record)"
+    logger.info("a Ray cluster recorded at %s %s; this run starts its own private Ray instance", recorded, state)
 
 
 #: attempts of a Ray client connection whose server-side session failed to start

@@ -32,6 +32,8 @@ class ReportConfig(StageConfig):
     centre: tuple[float, float] | None = Field(None, description="jelly-roll centre (y, x) in mm for the unrolled "
                                                                  "views (default: found from the maps)")
     pitch: float | None = Field(None, ge=0, description="spiral pitch in mm per turn (default: estimated)")
+    refresh: int | None = Field(None, ge=1, description="seconds between reloads of report.html in a browser "
+                                                        "(campaign watch sets it; default: none)")
 
 
 def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None = None, title: str = "xrdscale report",
@@ -78,7 +80,7 @@ def report(entries: Sequence[Any], out_url: str, *, config: ReportConfig | None 
     def body() -> str:
         write_report(entries, out_url, title=title, model=model, rois=cfg.rois, centre=cfg.centre,
                      pitch=cfg.pitch or None, phases=phases, progress=progress, cdi=cdi,
-                     xcs=xcs, roughness=roughness, fits=fits or {})
+                     xcs=xcs, roughness=roughness, fits=fits or {}, refresh=cfg.refresh)
         storage.mark_complete(out_url, {"stage": "report", "config": cfg.record()})
         return out_url
 

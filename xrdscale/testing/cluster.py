@@ -164,6 +164,7 @@ class ClusterBox:
         self._secrets = {"ray_token": secrets.token_hex(16), "s3_key": "box" + secrets.token_hex(8),
                          "s3_secret": secrets.token_urlsafe(24), "pg_password": secrets.token_urlsafe(18)}
         self._state = _State()
+        self._procs: dict[str, subprocess.Popen] = {}  # the processes this object started (reaped in down)
 
     # -- records ---------------------------------------------------------------------------------
     @property
@@ -260,6 +261,7 @@ class ClusterBox:
             proc = subprocess.Popen(list(argv), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                     env=full_env, start_new_session=True, user=user, cwd=cwd)
         service = Service(name, proc.pid, str(log), address)
+        self._procs[name] = proc
         self._state.services.append(service)
         self._save()
         logger.info("started %s (pid %d)%s", name, proc.pid, f" at {address}" if address else "")
@@ -408,6 +410,13 @@ class ClusterBox:
         """Stop every service (last started first) and remove the runtime folder."""
         for service in reversed(self._state.services):
             stop_session(service.pid)
+            proc = self._procs.pop(service.name, None)
+            if proc is not None:
+                try:
+                    proc.wait(timeout=GRACE)
+                except subprocess.TimeoutExpired:
+                    proc.kill()
+                    proc.wait(timeout=GRACE)
             logger.info("stopped %s", service.name)
         if self._state.runtime and Path(self._state.runtime).is_dir():
             shutil.rmtree(self._state.runtime, ignore_errors=True)
