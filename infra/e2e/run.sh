@@ -239,6 +239,9 @@ socket.create_connection(('1.1.1.1', 443), 3)" > /dev/null 2>&1; then
 
 main() {
   host_checks
+  # one cluster per machine (fixed ports, cni0, $E2E_RUN): a second run waits for none
+  exec 9> "/tmp/xrdscale-e2e.lock"
+  flock -n 9 || skip "another e2e run is in progress (it holds /tmp/xrdscale-e2e.lock)"
   if [ -d "$PIDS" ]; then log "a previous run left $E2E_RUN: tearing it down first"; "$E2E_DIR/down.sh" --purge; fi
   rm -rf "$E2E_RUN"; mkdir -p "$E2E_RUN" "$LOGS"; : > "$PHASE_FILE"
   trap on_exit EXIT
