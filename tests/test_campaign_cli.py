@@ -37,6 +37,15 @@ def test_unreachable_cluster_exits_nonzero_and_starts_nothing(tmp_path, xrdscale
     assert not os.path.exists(tmp_path / "work")
 
 
+def test_a_workspace_under_a_file_is_refused_and_nothing_is_created(tmp_path, xrdscale_cli):
+    (tmp_path / "plain").write_text("not a folder")
+    path = doubles.make_campaign(tmp_path, 1, workspace="plain/work")
+    code, _, err = xrdscale_cli("campaign", "run", path)
+    err = " ".join(err.split())
+    assert code == 1 and "is not writable" in err and "is a file, not a folder" in err, err
+    assert (tmp_path / "plain").read_text() == "not a folder"
+
+
 def test_missing_raw_file_exits_nonzero(tmp_path, xrdscale_cli):
     path = doubles.make_campaign(tmp_path, 2)
     os.remove(tmp_path / "raw" / "d1.npy")

@@ -180,7 +180,7 @@ def test_a_campaign_runs_cdi_series_and_reports_them(states, tmp_path):
 def test_a_campaign_spec_needs_cycles_or_cdi():
     from xrdscale.campaign.spec import validate_spec
 
-    with pytest.raises(ConfigError, match="needs cycles .*cdi .* or xcs"):
+    with pytest.raises(ConfigError, match=r"needs cycles .*cdi .*xcs .* or watch .*it has none"):
         validate_spec({"version": 1, "campaign": "x", "workspace": "w"})
     with pytest.raises(ConfigError, match="at least 2"):
         validate_spec({"version": 1, "campaign": "x", "workspace": "w",

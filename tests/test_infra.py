@@ -293,15 +293,12 @@ def test_e2e_campaign_spec_runs_on_the_overlay(e2e_manifests):
                 assert {"name": "workspace", "mountPath": "/workspace"} in c["volumeMounts"], c["name"]
 
 
-def test_e2e_scripts_parse_and_stay_in_the_repository():
+def test_e2e_scripts_parse():
+    """(That they refer to nothing outside the repository is test_quality's scan, which covers infra/.)"""
     scripts = [os.path.join(E2E, n) for n in sorted(os.listdir(E2E)) if n.endswith(".sh")]
     assert {"run.sh", "up.sh", "down.sh", "prepare.sh"} <= {os.path.basename(p) for p in scripts}
     for path in scripts:
         subprocess.run(["bash", "-n", path], check=True)
-    for root, _, files in os.walk(E2E):
-        for name in files:
-            with open(os.path.join(root, name), errors="replace") as f:
-                assert "../shared" not in f.read(), name
 
 
 def test_pod_specs_of_custom_resources_are_valid_pods(built):

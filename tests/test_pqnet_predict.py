@@ -145,3 +145,23 @@ def test_killed_actors_are_restarted_and_the_run_completes(ray_local, model_url,
         after = pool.pids()
     assert after[0] != before[0] and after[1] != before[1]
     check_maps(storage.open_store(out, stage="maps"), *reference(model_url, data.reshape(-1, Q.size)), (6, 8))
+
+
+def test_a_pool_waits_for_resources_another_pool_holds(ray_local, model_url, caplog):
+    """A second dataset's actors wait for the first's to finish, however long past ``timeout`` that is."""
+    import threading
+    import time
+
+    first = ServerPool(model_url, actors=1, threads=2, device="cpu")   # every CPU of the local instance
+    started: list[ServerPool] = []
+    with caplog.at_level("INFO", logger="xrdscale.pqnet.serve"):
+        waiter = threading.Thread(target=lambda: started.append(
+            ServerPool(model_url, actors=1, threads=2, device="cpu", timeout=1.0)))
+        waiter.start()
+        time.sleep(4.0)                       # several timeouts go by: the second pool still waits
+        assert not started and waiter.is_alive()
+        first.close()
+        waiter.join(timeout=120)
+    assert started, "the second pool did not start once the first released its CPUs"
+    started[0].close()
+    assert sum("wait for Ray resources in use" in r.getMessage() for r in caplog.records) == 1

@@ -13,8 +13,8 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
-#: What the tests, examples, benchmarks and CI run; none of it may reach outside the repository.
-SCANNED = ("tests", "examples", "benchmarks", "Makefile", ".ci")
+#: What the tests, examples, benchmarks, the Kubernetes e2e and CI run; none of it may reach outside the repository.
+SCANNED = ("tests", "examples", "benchmarks", "infra", "Dockerfile", "Makefile", ".ci")
 
 #: Paths outside a clone: the sibling ``shared`` folder of the development machine, and any
 #: absolute path into its ``/work``. Spelled in pieces so that this file does not match itself.

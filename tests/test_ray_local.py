@@ -12,6 +12,8 @@ import time
 
 import pytest
 
+from xrdscale.runtime.ray import recorded_cluster
+
 pytestmark = pytest.mark.slow
 
 #: A fresh process asks xrdscale for its local Ray and runs a task on it.
@@ -52,13 +54,15 @@ def test_local_ray_starts_its_own_instance_beside_a_running_and_a_dead_cluster(t
                             stderr=subprocess.DEVNULL, start_new_session=True)
     try:
         deadline = time.monotonic() + 60
-        while True:   # the head is up when its GCS port accepts connections
+        while True:   # the head is up when its GCS port accepts connections and Ray has recorded it
             try:
                 socket.create_connection(("127.0.0.1", port), timeout=1).close()
-                break
+                if (recorded_cluster() or "").endswith(f":{port}"):
+                    break
             except OSError:
-                assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
-                time.sleep(0.5)
+                pass
+            assert head.poll() is None and time.monotonic() < deadline, "ray start --head did not come up"
+            time.sleep(0.5)
         gcs = _probe(state=f":{port} runs")
         assert not gcs.endswith(f":{port}")        # a private instance, not the running cluster
     finally:

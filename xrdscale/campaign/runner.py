@@ -415,6 +415,18 @@ def open_job_store(spec: Any) -> JobStore:
     return JobStore(spec.job_store or default_url(spec.workspace))
 
 
+def probe_job_store(spec: Any) -> None:
+    """Open and close the job store of ``spec`` when it is a database server (PostgreSQL).
+
+    A wrong URL or password is then one error before any cluster starts. A SQLite store
+    (a file in the workspace) is left alone: creating it would leave a workspace behind a
+    run that starts nothing; :func:`xrdscale.io.storage.check_writable` covers it.
+    """
+    url = spec.job_store or default_url(spec.workspace)
+    if not url.startswith("sqlite"):
+        JobStore(url).close()
+
+
 def run_campaign(spec: Any, *, stages: Sequence[Stage] | None = None, on_event: Callback | None = None,
                  on_connect: Callable[[Any, Plan], None] | None = None, retry_delay: float = 2.0) -> RunResult:
     """Check the inputs, connect the cluster, and run every stage of ``spec``.
@@ -449,11 +461,12 @@ def run_campaign(spec: Any, *, stages: Sequence[Stage] | None = None, on_event: 
     for stage in plan.stages.values():
         stage.preflight(spec)  # e.g. a PONI pyFAI cannot use fails here, not in every integrate task
     storage.check_writable(spec.workspace, "the workspace")
-    store = open_job_store(spec)  # a wrong URL or password fails here, before the cluster starts
-    try:
-        with connect(spec.cluster) as (client, ray_handle):
+    probe_job_store(spec)  # a wrong URL or password fails here, before the cluster starts
+    with connect(spec.cluster) as (client, ray_handle):
+        store = open_job_store(spec)
+        try:
             if on_connect is not None:
                 on_connect(client, plan)
             return Runner(plan, store, ray=ray_handle, on_event=on_event, retry_delay=retry_delay).run()
-    finally:
-        store.close()
+        finally:
+            store.close()

@@ -97,7 +97,6 @@ def default_url(workspace: str) -> str:
             "set job_store in the spec (or XRDSCALE_JOB_STORE_URL) to a PostgreSQL URL, e.g. "
             "postgresql+psycopg://user@host/db (password from PGPASSWORD)"
         )
-    os.makedirs(workspace, exist_ok=True)
     return "sqlite:///" + os.path.join(os.path.abspath(workspace), "jobs.sqlite")
 
 
@@ -138,6 +137,9 @@ class JobStore:
         self._lock = threading.Lock()
         try:
             if url.startswith("sqlite"):
+                path = url.split("///", 1)[1] if "///" in url else ""
+                if path and path != ":memory:":
+                    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
                 self.engine = sa.create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
                 sa.event.listen(self.engine, "connect", _sqlite_pragmas)
             else:

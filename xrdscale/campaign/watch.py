@@ -356,7 +356,7 @@ def watch_campaign(spec: Any, *, poll: float = 10.0, max_datasets: int | None = 
         Ctrl-C. Stores of stages that were running are not marked complete; a later watch
         resumes them.
     """
-    from xrdscale.campaign.runner import Plan, Runner, check_inputs, open_job_store
+    from xrdscale.campaign.runner import Plan, Runner, check_inputs, open_job_store, probe_job_store
     from xrdscale.runtime.cluster import connect
 
     if spec.watch is None:
@@ -368,11 +368,13 @@ def watch_campaign(spec: Any, *, poll: float = 10.0, max_datasets: int | None = 
     check_inputs(spec)
     storage.check_writable(spec.workspace, "the workspace")
     result = WatchResult()
-    store = open_job_store(spec)
-    done = {r.dataset for r in store.runs(spec.campaign) if r.status in ("done", "skipped")}
-    watcher = Watcher(spec.watch, known=[d.id for d in spec.datasets()], done=done, readable=readable)
+    probe_job_store(spec)  # a wrong password fails before the cluster starts
+    store = None
     try:
         with connect(spec.cluster) as (client, ray_handle):
+            store = open_job_store(spec)
+            done = {r.dataset for r in store.runs(spec.campaign) if r.status in ("done", "skipped")}
+            watcher = Watcher(spec.watch, known=[d.id for d in spec.datasets()], done=done, readable=readable)
             if on_connect is not None:
                 on_connect(client, Plan(spec, stages))
             first = True
@@ -403,5 +405,6 @@ def watch_campaign(spec: Any, *, poll: float = 10.0, max_datasets: int | None = 
                     break
                 time.sleep(poll)
     finally:
-        store.close()
+        if store is not None:
+            store.close()
     return result

@@ -478,6 +478,9 @@ def check_writable(url: str, what: str) -> None:
     Run before any work starts, so that a workspace in a bucket that does not exist (or is
     read-only for these credentials) is one error, not a failure of every stage.
     """
+    if not is_remote(url):
+        _check_local_writable(url, what)
+        return
     probe = join(url, f".xrdscale-probe-{os.getpid()}")
     fs, path = filesystem(probe)
     try:
@@ -488,6 +491,23 @@ def check_writable(url: str, what: str) -> None:
         bucket = f" (does the bucket {urlparse(url).netloc!r} exist?)" if is_remote(url) else ""
         raise StorageError(f"{what} {redact(url)} is not writable{bucket}: {exc}; fix the URL or create it first; "
                            "nothing was started") from exc
+
+
+def _check_local_writable(url: str, what: str) -> None:
+    """Check a local ``url`` can be created and written, creating nothing (a run that starts nothing leaves nothing)."""
+    path = os.path.abspath(os.path.expanduser(filesystem(url)[1]))
+    probe = path
+    while not os.path.exists(probe):
+        parent = os.path.dirname(probe)
+        if parent == probe:
+            break
+        probe = parent
+    if not os.path.isdir(probe):
+        raise StorageError(f"{what} {url} is not writable: {probe} is a file, not a folder; choose another path; "
+                           "nothing was started")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise StorageError(f"{what} {url} is not writable: no write permission on {probe}; choose another path or "
+                           "fix its permissions; nothing was started")
 
 
 def read_bytes(url: str) -> bytes:

@@ -161,14 +161,7 @@ class ServerPool:
                                     max_task_retries=MAX_RESTARTS, **opts).remote(model_url, engine, device, threads,
                                                                                    self.members)
                         for n in self.names]
-        try:
-            devices = ray.get([h.device.remote() for h in self.handles], timeout=self.timeout)
-        except ray.exceptions.GetTimeoutError as exc:
-            self.close()
-            raise StorageError(
-                f"the {actors} inference actor(s) ({opts}) did not start within {self.timeout:.0f} s; the Ray "
-                f"cluster has {resources.get('CPU', 0):g} CPU and {resources.get('GPU', 0):g} GPU in all: check that "
-                "its nodes are alive (`ray status`), or ask for fewer actors or threads") from exc
+        devices = self._wait_started(ray, opts)
         if device == "cuda" and "cpu" in devices:
             # the actors' own INFO line is in Ray's logs; the driver says it once too
             degrade("pqnet inference", f"the Ray cluster declares {gpus:g} GPU(s), but CUDA is not usable on the "
@@ -177,6 +170,33 @@ class ServerPool:
         self.device = device
         logger.info("serving %s (%d member(s)) from %d actor(s) on %s (%s)", model_url, self.members, actors,
                     device, engine)
+
+    def _wait_started(self, ray, opts: dict[str, float]) -> list[str]:
+        """Wait for the actors to start; the devices they run on.
+
+        Actors that wait for resources another pool holds (a second dataset's analyse on a
+        cluster with one GPU) wait as long as that takes: the cluster's live nodes can host
+        them. Actors that no live node can host (their node died) fail after ``timeout``.
+        """
+        refs = [h.device.remote() for h in self.handles]
+        told = False
+        while True:
+            ready, _ = ray.wait(refs, num_returns=len(refs), timeout=self.timeout)
+            if len(ready) == len(refs):
+                return ray.get(refs)
+            need = {{"num_cpus": "CPU", "num_gpus": "GPU"}[key]: value for key, value in opts.items()}
+            alive = [n.get("Resources", {}) for n in ray.nodes() if n.get("Alive")]
+            if not any(all(node.get(k, 0.0) >= v - 1e-9 for k, v in need.items()) for node in alive):
+                resources = ray.cluster_resources()
+                self.close()
+                raise StorageError(
+                    f"the {len(self.handles)} inference actor(s) ({opts}) did not start within {self.timeout:.0f} s; "
+                    f"the Ray cluster has {resources.get('CPU', 0):g} CPU and {resources.get('GPU', 0):g} GPU in "
+                    "all: check that its nodes are alive (`ray status`), or ask for fewer actors or threads")
+            if not told:
+                logger.info("the inference actor(s) wait for Ray resources in use (another dataset's actors?): "
+                            "the cluster can host them, so they wait on")
+                told = True
 
     def pids(self) -> list[int]:
         """Process ids of the actors."""
