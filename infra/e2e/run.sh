@@ -9,7 +9,8 @@
 #             infra/ through infra/e2e/overlay (plain Ray instead of KubeRay), a test Secret
 #   campaign  the demo campaign as the batch/v1 Job, Dask workers as DaskCluster pods
 #   check     the Job completed, the maps stores are complete, the DaskCluster had its workers,
-#             the test credentials are in no log or store, pods cannot reach outside addresses
+#             the test credentials are in no log or store, pods cannot reach outside addresses;
+#             a Job whose image does not exist ends `xrdscale campaign follow` with an error naming it
 #   teardown  every process by PID, every container, the network changes (also on failure)
 # Prints the pods, the Job and a table of the phases' times. Exit status 0 when it passed or was
 # skipped ("e2e: SKIPPED: <reason>", when this machine cannot host it), 1 when it failed.
@@ -237,6 +238,37 @@ socket.create_connection(('1.1.1.1', 443), 3)" > /dev/null 2>&1; then
   log "a pod cannot reach 1.1.1.1:443 (no route out)"
 }
 
+check_missing_image() {
+  # Bad input: a Job whose image does not exist. `xrdscale campaign follow` must end it with an
+  # error naming the image (the pod waits in ErrImageNeverPull forever; the Job never fails itself).
+  local xrd=$REPO/.venv/bin/xrdscale bad=xrdscale-missing-image image=xrdscale:missing-e2e out rc
+  if [ ! -x "$xrd" ] || ! "$REPO/.venv/bin/python" -c 'import kubernetes' 2> /dev/null; then
+    log "missing image: not checked (no project venv with the kubernetes client at $REPO/.venv)"; return 0
+  fi
+  kc -n $NAMESPACE apply -f - > /dev/null <<EOF
+apiVersion: batch/v1
+kind: Job
+metadata: {name: $bad}
+spec:
+  backoffLimit: 0
+  template:
+    spec:
+      restartPolicy: Never
+      containers:
+        - {name: campaign, image: "$image", imagePullPolicy: Never, command: [xrdscale, --version]}
+EOF
+  set +e
+  out=$("$xrd" campaign follow $bad -n $NAMESPACE --kubeconfig "$PKI/admin.kubeconfig" --timeout 180 --poll 2 2>&1)
+  rc=$?
+  set -e
+  kc -n $NAMESPACE delete job $bad --wait=false > /dev/null 2>&1 || true
+  printf '%s\n' "$out" | tail -3 >&2
+  [ $rc -eq 1 ] || die "campaign follow of a Job with a missing image exited $rc (expected 1)"
+  grep -qF "'$image'" <<< "$out" || die "campaign follow's error does not name the image $image"
+  if grep -q Traceback <<< "$out"; then die "campaign follow printed a traceback"; fi
+  log "a Job with a missing image: campaign follow exits 1 naming $image"
+}
+
 main() {
   host_checks
   # one cluster per machine (fixed ports, cni0, $E2E_RUN): a second run waits for none
@@ -260,6 +292,7 @@ main() {
   phase "deploy: DaskCluster workers"; wait_daskcluster
   phase "campaign Job";             run_campaign
   phase "check";                    check_results
+  phase "check: missing image";     check_missing_image
   phase_end
 }
 

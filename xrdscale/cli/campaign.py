@@ -1,4 +1,5 @@
-"""``xrdscale campaign run|watch|status|report``: run a campaign or follow one live, see where it stands, report."""
+"""``xrdscale campaign run|watch|status|report|follow``: run a campaign or follow one live, see where it stands,
+report, follow its Kubernetes Job."""
 
 from __future__ import annotations
 
@@ -188,6 +189,28 @@ def report_cmd(spec_url: str = SPEC_ARG, workspace: str | None = WORKSPACE_OPT) 
         store.close()
     Console().print(f"report of {len(finished)} dataset(s): {storage.redact(storage.join(url, 'report.html'))}",
                     highlight=False, soft_wrap=True)
+
+
+@app.command("follow")
+def follow_cmd(
+    job: str = typer.Argument("xrdscale-campaign", help="Name of the campaign's batch/v1 Job."),
+    namespace: str = typer.Option("xrdscale", "--namespace", "-n", help="Its namespace."),
+    timeout: float = typer.Option(3600.0, "--timeout", min=1, help="Seconds to wait for the Job to complete."),
+    poll: float = typer.Option(5.0, "--poll", min=0.1, help="Seconds between reads of the Job."),
+    kubeconfig: str | None = typer.Option(None, "--kubeconfig", help="Kubeconfig (default: in-cluster, "
+                                          "else KUBECONFIG or ~/.kube/config)."),
+) -> None:
+    """Follow a campaign Job on Kubernetes until it completes; exit 1 with the reason when it cannot.
+
+    A pod whose image cannot be found, a container that cannot be created, a failed Job or a
+    timeout each end it with one line naming the cause (the image, for a missing image).
+    """
+    from xrdscale.runtime.kubejob import follow_job
+
+    console = Console(stderr=True)
+    state = follow_job(job, namespace, timeout=timeout, poll=poll, kubeconfig=kubeconfig,
+                       on_change=lambda s: console.print(s.message, highlight=False, soft_wrap=True))
+    Console().print(state.message, highlight=False, soft_wrap=True)
 
 
 def register(root: typer.Typer) -> None:
