@@ -99,14 +99,18 @@ def _box_env(box: ClusterBox) -> dict[str, str]:
     return _clean_env({**box.env, "DASK_XRDSCALE__RAY__CALL_TIMEOUT": CALL_TIMEOUT})
 
 
-def _maps(url: str, fs=None):
+def _maps(url: str, env: dict[str, str]):
+    """The store at ``url``, loaded with ``env`` (the box's S3 credentials) set in this process."""
+    from unittest import mock
+
     from xrdscale.io import storage
 
-    return storage.open_store(url)
+    with mock.patch.dict(os.environ, env):
+        return storage.open_store(url).load()
 
 
-def _assert_same_maps(a_url: str, b_url: str) -> None:
-    a, b = _maps(a_url), _maps(b_url)
+def _assert_same_maps(box: ClusterBox, a_url: str, b_url: str) -> None:
+    a, b = _maps(a_url, box.env), _maps(b_url, box.env)
     assert sorted(a.data_vars) == sorted(b.data_vars)
     for name in a.data_vars:
         x, y = a[name].values, b[name].values
@@ -168,7 +172,7 @@ def test_campaign_on_the_box_equals_the_local_run(box, beamtime, runs):
     datasets = [d["id"] for c in yaml.safe_load(Path(beamtime["local"]).read_text())["cycles"] for d in c["datasets"]]
     for did in datasets:
         for stage in ("reconstruct", "analyse"):
-            _assert_same_maps(str(runs["local"] / "datasets" / did / f"{stage}.zarr"),
+            _assert_same_maps(box, str(runs["local"] / "datasets" / did / f"{stage}.zarr"),
                               f"{runs['run1']}/datasets/{did}/{stage}.zarr")
     # the work ran where it should: stages on the box's Dask workers, actors on its Ray
     assert f"Ray started at {box.addresses['ray']}" in runs["log"]
@@ -194,7 +198,7 @@ def test_a_node_failure_mid_run_finishes_with_the_same_maps(box, beamtime, runs)
     spec = yaml.safe_load(Path(beamtime["local"]).read_text())
     datasets = [d["id"] for c in spec["cycles"] for d in c["datasets"]]
     spec["model"] = f"{runs['run1']}/model/train"  # the model of run 1, so this run is only the datasets
-    spec.pop("workspace")
+    spec["workspace"] = f"s3://{box.bucket}/fault"
     with open(root / "bt" / "jobs" / "fault.yaml", "w") as f:
         yaml.safe_dump(spec, f)
     beamtime["fs"].put(str(root / "bt" / "jobs" / "fault.yaml"), f"{box.bucket}/bt/jobs/fault.yaml")
@@ -225,7 +229,8 @@ def test_a_node_failure_mid_run_finishes_with_the_same_maps(box, beamtime, runs)
             proc.kill()
     text = log.read_text()
     for did in datasets:
-        _assert_same_maps(f"{runs['run1']}/datasets/{did}/analyse.zarr", f"s3://{box.bucket}/fault/datasets/{did}/analyse.zarr")
+        _assert_same_maps(box, f"{runs['run1']}/datasets/{did}/analyse.zarr",
+                          f"s3://{box.bucket}/fault/datasets/{did}/analyse.zarr")
     rows = _rows(box, invocation)
     keys = [(r["dataset"], r["stage"]) for r in rows]
     assert len(keys) == len(set(keys)), "a stage was recorded twice in one run"
