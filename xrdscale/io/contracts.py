@@ -28,6 +28,10 @@ Store kinds and what they hold:
 - ``ct-volume``: ``attenuation`` (z, y, x), coords ``z``, ``y``, ``x`` in µm
 - ``ct-roughness``: ``height`` (interface, y, x) in µm, ``ra`` and ``rq`` (interface) in µm,
   ``fraction`` (component)
+- ``operando``: maps variables on (phase, frame) with ``weight_fraction`` and
+  ``weight_fraction_std``; coords ``time`` (s), ``voltage`` (V), ``current`` (A), ``cycle`` and
+  ``step`` (frame); the electrochemistry log ``echem_time``, ``echem_voltage``,
+  ``echem_current`` (echem)
 
 Files: ``cxi`` (a Bragg CDI result): ``entry_1/image_1/data`` the complex 3D object, with
 ``entry_1/image_1/support`` of its shape and the scalar ``entry_1/image_1/chi2``.
@@ -55,7 +59,7 @@ logger = logging.getLogger(__name__)
 
 #: Kinds of zarr stores with a contract.
 STORE_KINDS = ("patterns", "sinogram", "volume", "maps", "unrolled", "regions", "truth", "cdi-series", "xcs",
-               "ct-volume", "ct-roughness")
+               "ct-volume", "ct-roughness", "operando")
 #: Every kind :func:`check` understands.
 KINDS = ("raw", *STORE_KINDS, "cxi", "phases", "spec", "model")
 
@@ -667,10 +671,21 @@ def check_cxi(url: str) -> list[str]:
     return problems
 
 
+def _check_operando(ds: xr.Dataset, name: str) -> list[str]:
+    problems = _check_maps(ds, name)
+    for v in MAP_OPTIONAL:
+        _variable(ds, v, ("phase", "frame"), name, problems, floating=True)
+    for c in ("time", "voltage", "current", "cycle"):
+        _coord(ds, c, "frame", name, problems)
+    for v in ("echem_time", "echem_voltage", "echem_current"):
+        _variable(ds, v, ("echem",), name, problems, floating=True)
+    return problems
+
+
 _CHECKS = {"patterns": _check_patterns, "sinogram": _check_sinogram, "volume": _check_volume, "maps": _check_maps,
            "unrolled": _check_unrolled, "regions": _check_regions, "truth": _check_truth,
            "cdi-series": _check_cdi_series, "xcs": _check_xcs, "ct-volume": _check_ct_volume,
-           "ct-roughness": _check_ct_roughness}
+           "ct-roughness": _check_ct_roughness, "operando": _check_operando}
 
 
 # -- YAML and the model registry -------------------------------------------------------------

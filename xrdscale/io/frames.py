@@ -3,10 +3,12 @@
 A raw dataset (shared/DESIGN.md) is one HDF5 file with the frames in
 ``/entry/data/data`` (n_frames, ny, nx), the incident intensity in
 ``/entry/instrument/monitor/data`` and the positioners in ``/entry/sample/rotation_angle``
-(degrees) and ``/entry/sample/translation`` (mm). A frame series is a folder (or a list)
+(degrees) and ``/entry/sample/translation`` (mm); a time series (operando point or line scans)
+also has the acquisition time of every frame in ``/entry/data/time`` (seconds, ``units``
+``s``/``ms``/``min``/``h``, from ``/entry/start_time``, ISO 8601, where given). A frame series is a folder (or a list)
 of CBF/EDF files in acquisition order plus a positioner table (CSV with the columns
 ``angle``, ``translation`` and ``monitor``; an optional ``file`` column names each row's
-frame file).
+frame file, an optional ``time`` column each frame's time in seconds).
 
 :func:`open_raw` reads the small per-frame vectors in the calling process and returns a
 :class:`RawScan`; :func:`read_frames` yields frames one at a time and is what the
@@ -37,6 +39,8 @@ DATA = "entry/data/data"
 MONITOR = "entry/instrument/monitor/data"
 ANGLE = "entry/sample/rotation_angle"
 TRANSLATION = "entry/sample/translation"
+TIME = "entry/data/time"
+START_TIME = "entry/start_time"
 SERIES_SUFFIXES = (".cbf", ".edf", ".edf.gz", ".cbf.gz")
 
 
@@ -72,12 +76,18 @@ class RawSource:
 
 @dataclass
 class RawScan:
-    """A raw dataset with its per-frame positioners and monitor, in acquisition order."""
+    """A raw dataset with its per-frame positioners and monitor, in acquisition order.
+
+    ``time`` (seconds from ``start_time``, ISO 8601) is each frame's acquisition time where
+    the file records it (``/entry/data/time``), else None.
+    """
 
     source: RawSource
     angle: np.ndarray = field(repr=False)
     translation: np.ndarray = field(repr=False)
     monitor: np.ndarray = field(repr=False)
+    time: np.ndarray | None = field(default=None, repr=False)
+    start_time: str | None = None
 
 
 def _import_filters() -> None:
@@ -148,12 +158,51 @@ def _open_hdf5(url: str) -> RawScan:
         try:
             with _open_h5(url) as h5:
                 source, vectors = _hdf5_meta(url, h5)
+                time, start = _frame_times(h5, name, source.n_frames)
         except OSError as exc:
             if type(exc) is not OSError:  # FileNotFound/Permission/Connection errors: storage problems
                 raise
             raise InputError(f"{name} is not a readable HDF5/NeXus file ({exc}); check or re-transfer it") from exc
-    return _scan(source, vectors[ANGLE], vectors[TRANSLATION], vectors[MONITOR],
+    scan = _scan(source, vectors[ANGLE], vectors[TRANSLATION], vectors[MONITOR],
                  {"angle": "/" + ANGLE, "translation": "/" + TRANSLATION, "monitor": "/" + MONITOR})
+    scan.time, scan.start_time = time, start
+    return scan
+
+
+#: Seconds per unit of a time axis.
+TIME_UNITS = {"s": 1.0, "sec": 1.0, "second": 1.0, "seconds": 1.0, "ms": 1e-3, "min": 60.0, "h": 3600.0}
+
+
+def time_factor(unit: str | None, where: str) -> float:
+    """Seconds per ``unit`` (None or empty: seconds).
+
+    Raises
+    ------
+    InputError
+        A unit not in :data:`TIME_UNITS`.
+    """
+    key = (unit or "s").strip().lower()
+    if key not in TIME_UNITS:
+        raise InputError(f"{where} has time units {unit!r}; expected one of {', '.join(TIME_UNITS)}")
+    return TIME_UNITS[key]
+
+
+def _frame_times(h5, name: str, n: int) -> tuple[np.ndarray | None, str | None]:
+    """``/entry/data/time`` in seconds and ``/entry/start_time`` of an HDF5 file (None where absent)."""
+    start = h5[START_TIME][()] if START_TIME in h5 else None
+    start = start.decode() if isinstance(start, bytes) else (None if start is None else str(start))
+    if TIME not in h5:
+        return None, start
+    ds = h5[TIME]
+    unit = ds.attrs.get("units")
+    unit = unit.decode() if isinstance(unit, bytes) else unit
+    time = np.asarray(ds[()], dtype=np.float64) * time_factor(unit, f"{name}: /{TIME}")
+    if time.shape != (n,):
+        raise InputError(f"{name}: /{TIME} has shape {time.shape}, expected ({n},), one time per frame")
+    bad = np.flatnonzero(~np.isfinite(time))
+    if bad.size:
+        raise InputError(f"{name}: /{TIME} is not finite at frame {bad[0]} ({bad.size} frames); repair the file")
+    return time, start
 
 
 def _hdf5_meta(url: str, h5) -> tuple[RawSource, dict[str, np.ndarray]]:
@@ -221,8 +270,15 @@ def _open_series(url: str | Sequence[str], files: list[str], table_url: str) -> 
     first = _read_series_frame(files[0], name, 0)
     source = RawSource(url=_series_name(url), files=tuple(files), n_frames=len(files),
                        frame_shape=(int(first.shape[0]), int(first.shape[1])), dtype=str(first.dtype))
-    return _scan(source, vec["angle"], vec["translation"], vec["monitor"],
+    scan = _scan(source, vec["angle"], vec["translation"], vec["monitor"],
                  {k: f"column {k} of {storage.redact(table_url)}" for k in need})
+    if "time" in header:  # a time series: seconds of each frame
+        try:
+            scan.time = np.array([float(r["time"]) for r in rows])
+        except (TypeError, ValueError) as exc:
+            raise InputError(f"positioner table {storage.redact(table_url)}: column time holds a non-numeric "
+                             f"value ({exc}); give each frame's time in seconds") from exc
+    return scan
 
 
 def _scan(source: RawSource, angle: np.ndarray, translation: np.ndarray, monitor: np.ndarray,

@@ -347,7 +347,8 @@ def patterns_dataset(scan: rawframes.RawScan, spec: IntegratorSpec, *, frames_pe
     -------
     xarray.Dataset
         ``intensity`` (frame, q) float32 backed by one Dask task per frame chunk, coords
-        ``angle``, ``translation``, ``monitor`` (frame) and ``q``.
+        ``angle``, ``translation``, ``monitor`` (frame), ``q``, and ``time`` (frame, seconds)
+        when the raw file records each frame's time.
     """
     if frames_per_chunk < 1:
         raise ConfigError(f"frames_per_chunk={frames_per_chunk}: expected a positive number")
@@ -364,11 +365,15 @@ def patterns_dataset(scan: rawframes.RawScan, spec: IntegratorSpec, *, frames_pe
     intensity = da.Array(HighLevelGraph.from_collections(name, graph, dependencies=()), name,
                          chunks=(sizes, (spec.npt,)), dtype=np.float32,
                          meta=np.empty((0, spec.npt), dtype=np.float32))  # no integrator on the driver
-    return xr.Dataset(
+    ds = xr.Dataset(
         {"intensity": (("frame", "q"), intensity)},
         coords={"frame": np.arange(n), "q": q_centres(spec), "angle": ("frame", scan.angle),
                 "translation": ("frame", scan.translation), "monitor": ("frame", scan.monitor)},
     )
+    if scan.time is not None:  # a time series (operando scans): each frame's acquisition time
+        ds = ds.assign_coords(time=("frame", scan.time))
+        ds["time"].attrs.update(units="s", long_name="acquisition time", start_time=scan.start_time or "")
+    return ds
 
 
 def library_versions() -> dict[str, str]:
