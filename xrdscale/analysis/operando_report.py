@@ -156,8 +156,9 @@ def cycle_figure(ds: xr.Dataset) -> bytes:
         ax.set_xlabel("voltage (V)")
         ax.set_ylim(-5, 105)
     axes[0][0].set_ylabel("weight %")
-    axes[0][-1].legend(fontsize=7, frameon=False, ncol=2)
-    fig.tight_layout()
+    handles, labels = axes[0][0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", fontsize=7, frameon=False, ncol=len(phases))
+    fig.tight_layout(rect=(0, 0.12, 1, 1))
     return plots.to_png(fig)
 
 

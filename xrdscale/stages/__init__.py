@@ -144,7 +144,7 @@ STAGES: tuple[StageDef, ...] = (
         Param("out", "Output store: <name>_diff maps (a - b) and compare.csv (bias, MAE, fraction beyond sigma)."),
     ), "Compare two maps stores: difference maps and per phase and parameter bias, MAE, disagreement.",
         group="fit"),
-    StageDef("analyse", "xrdscale.stages.operando:OperandoConfig", "xrdscale.stages.operando:operando", (
+    StageDef("analyse", "xrdscale.stages.analyse:AnalyseConfig", "xrdscale.stages.operando:operando", (
         Param("model_url", "PQ-Net model registry entry (e.g. trained on xrdscale/data/phases/licx4.yaml)."),
         Param("patterns_url", "Patterns store of the scans, with a time (frame) coordinate (`xrdscale integrate`)."),
         Param("echem_url", "Electrochemistry log: CSV (time, voltage, current columns) or FILE.nxs::/entry/echem."),

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Mapping
-from typing import Any, ClassVar
+from typing import Any
 
 import numpy as np
 import xarray as xr
@@ -33,10 +33,10 @@ from xrdscale.stages.base import guarded, write_output
 logger = logging.getLogger(__name__)
 
 
-class OperandoConfig(AnalyseConfig):
-    """Settings of the ``operando`` stage: those of ``analyse`` (ensemble, actors, quality maps …)."""
-
-    stage: ClassVar[str] = "operando"
+#: Settings of the ``operando`` stage: the ``analyse`` stage's own (ensemble, actors, engine, quality
+#: maps …), so ``pipeline.analyse`` of a campaign spec is also this stage's section; the command
+#: line (``xrdscale operando``) is its entry point, not the campaign's stage graph.
+OperandoConfig = AnalyseConfig
 
 
 def scan_times(ds: xr.Dataset, what: str) -> np.ndarray:
