@@ -13,7 +13,9 @@ app = typer.Typer(help="Simulate phases, patterns and whole beamtimes with known
 def beamtime_cmd(
     out: str = typer.Argument(..., help="Output folder: a local path or an fsspec URL (s3://bucket/prefix, memory://…)."),
     preset: str = typer.Option("demo", "--preset", help="demo (1 cycle × 3 voltages, seconds), lattice (one "
-                               "3.4 V dataset whose cathode has a radial NCA lattice gradient) or paper "
+                               "3.4 V dataset whose cathode has a radial NCA lattice gradient), scale (one "
+                               "dataset at the paper's 637 × 400 scan on the demo detector), "
+                               "scale-quarter (a quarter of its frames) or paper "
                                "(637 × 400 scan, Pilatus 2M, 6 voltages; hours)."),
     seed: int = typer.Option(0, "--seed", help="Seed of the phantom, I0 fluctuations and counting noise."),
 ) -> None:

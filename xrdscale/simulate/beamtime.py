@@ -11,8 +11,10 @@ Folder layout under ``OUT`` (any fsspec URL)::
     jobs/<campaign>.yaml    campaign spec naming all of the above with relative paths
 
 Presets: ``demo`` (1 cycle × 3 voltages, 64² phantom, 40 angles, 128×128-pixel detector;
-well under a minute on 2 cores) and ``paper`` (1 cycle × the 6 voltages of the paper,
-637 translations × 400 angles as 4 × 100 interlaced, Pilatus 2M; for scale tests).
+well under a minute on 2 cores), ``paper`` (1 cycle × the 6 voltages of the paper,
+637 translations × 400 angles as 4 × 100 interlaced, Pilatus 2M), ``scale`` (one 4.2 V
+dataset at the paper's scan geometry on the demo detector: 254,800 frames, the paper's map
+size), ``scale-quarter`` (a quarter of its frames) and ``lattice`` (see :data:`PRESETS`).
 
 The campaign spec a preset writes carries pipeline settings sized to its data, a
 ``pipeline.train`` section above all (:class:`TrainSettings`): the demo's small ensemble
@@ -99,6 +101,17 @@ PRESETS = {
     "paper": Preset(size=637, n_angles=400, subsets=4, voltages=phantom_mod.STAGE_VOLTAGES, cycle=7,
                     detector="pilatus2m", instrument=(0.0, 0.0, 1.5e-4, 0.0), axis_offset_steps=3.37,
                     peak_counts=5000.0, train=TrainSettings(n=200_000, ensemble=10, epochs=35)),
+    # The paper's scan geometry (637 translations × 400 angles in 4 interlaced subsets, zigzag,
+    # 30 µm steps over the paper's 19.11 mm) on the demo's 128×128 detector, one charged dataset:
+    # the whole campaign at the paper's sinogram and map size on a 2-core machine
+    # (`benchmarks/campaign.py --paper`). `scale-quarter` is a quarter of its frames (319 × 200,
+    # 60 µm steps, the same cell), the reference of its memory check.
+    "scale": Preset(size=637, n_angles=400, subsets=4, voltages=(4.2,), cycle=1, detector="demo",
+                    instrument=(0.0, 0.0, 4.0e-4, 0.0), axis_offset_steps=3.37, peak_counts=2000.0,
+                    train=TrainSettings(n=5000, ensemble=2, epochs=8)),
+    "scale-quarter": Preset(size=319, n_angles=200, subsets=4, voltages=(4.2,), cycle=1, detector="demo",
+                            instrument=(0.0, 0.0, 4.0e-4, 0.0), axis_offset_steps=1.87, peak_counts=2000.0,
+                            train=TrainSettings(n=5000, ensemble=2, epochs=8)),
     # One charging dataset whose cathode has a known radial state-of-charge gradient (NCA a and c
     # change across the roll, :func:`xrdscale.simulate.phantom.make_phantom` nca_gradient): the
     # beamtime on which the fit is judged against PQ-Net's lattice maps.
@@ -147,7 +160,7 @@ def simulate_beamtime(out: str, preset: str = "demo", seed: int = 0, *, progress
     out : str
         Destination folder (local path or fsspec URL).
     preset : str
-        ``demo`` or ``paper`` (see :data:`PRESETS`).
+        A name in :data:`PRESETS`.
     seed : int
         Seed of the phantom, the I0 fluctuations and the counting noise.
     progress : bool

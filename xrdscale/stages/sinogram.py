@@ -14,7 +14,8 @@ lines, interlaced angular subsets and repeated or 360° scans all land where the
    with ``u`` mirrored; lines that land on the same angle are averaged.
 
 Steps 1–4 make a sparse matrix ``W`` (cells × frames). The patterns are rechunked to
-whole-frame, few-channel blocks (Dask p2p rechunk on a distributed client) and every
+whole-frame, few-channel blocks (Dask's task-based rechunk; its p2p rechunk lost the
+graph's final key once the patterns had several frame chunks, 16,000 frames here) and every
 channel block becomes ``W @ patterns - air``, written as zarr chunks of all angles and
 translations for a few channels — the layout the per-channel reconstruction reads.
 """
@@ -291,8 +292,7 @@ def sinogram_dataset(src: xr.Dataset, config: SinogramConfig, *, client: Any = N
     out_angle, u, W = placement(lines, translation, c, pat.shape[0], angle_tolerance)
     n_q = pat.shape[1]
     q_chunk = int(max(1, min(n_q, CHUNK_BYTES // (4 * max(pat.shape[0], out_angle.size * u.size)))))
-    rechunk = "p2p" if client is not None else "tasks"
-    columns = pat.rechunk({0: -1, 1: q_chunk}, method=rechunk)
+    columns = pat.rechunk({0: -1, 1: q_chunk}, method="tasks")
     air_da = da.from_array(air, chunks=(columns.chunks[1],))
     W_d = dask.delayed(W, pure=True)
     sino = da.map_blocks(_apply, columns, air_da, W_d, out_angle.size, u.size, dtype=np.float32,
