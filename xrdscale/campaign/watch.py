@@ -44,7 +44,8 @@ from xrdscale.io import storage
 
 logger = logging.getLogger(__name__)
 
-__all__ = ["FIELDS", "Landing", "WatchResult", "Watcher", "parse_name", "template_fields", "watch_campaign"]
+__all__ = ["FIELDS", "FileWatcher", "Landing", "WatchResult", "Watcher", "parse_name", "template_fields",
+           "watch_campaign"]
 
 #: fields a pattern may name, and what each matches in a file name
 FIELDS = {"id": r"[A-Za-z0-9][A-Za-z0-9._-]*?", "cycle": r"\d+", "voltage": r"\d+(?:[.p]\d+)?",
@@ -125,18 +126,22 @@ class WatchResult:
     report: str | None = None
 
 
-class Watcher:
-    """Finds the raw files of a ``watch:`` section and says when each one is a complete dataset.
+class FileWatcher:
+    """Finds the files of a ``watch:`` section and says when each one is complete.
+
+    The discovery and completeness rules of the module docstring, for any kind of landing
+    file: :meth:`poll` returns what :meth:`accept` makes of each file that became complete
+    (by default its id: the pattern's ``{id}``, else the file's stem). :class:`Watcher` makes
+    campaign datasets of them; ``xrdscale operando watch`` (:mod:`xrdscale.stages.operando_live`)
+    takes the ids.
 
     Parameters
     ----------
     config : WatchConfig
         The resolved ``watch:`` section (its pattern an absolute path or a URL).
-    known : iterable of str
-        Dataset ids already in the campaign. A landing file with one of these ids is refused.
     done : iterable of str
-        Dataset ids processed by an earlier watch: their files are complete as soon as they
-        are seen, so a restarted watch recomputes nothing (not even the report).
+        Ids processed by an earlier watch: their files are complete as soon as they are
+        seen, so a restarted watch recomputes nothing.
     clock : callable
         Monotonic seconds (tests pass a fake one).
     readable : callable, optional
@@ -144,11 +149,10 @@ class Watcher:
         dataset and its last frame decodes).
     """
 
-    def __init__(self, config: Any, *, known: Any = (), done: Any = (), clock: Callable[[], float] = time.monotonic,
+    def __init__(self, config: Any, *, done: Any = (), clock: Callable[[], float] = time.monotonic,
                  readable: Callable[[str], str | None] | None = None) -> None:
         self.config = config
         self.clock = clock
-        self.known = set(known)
         self.done = set(done)
         self.readable = readable or _readable
         self.files: dict[str, Landing] = {}
@@ -165,8 +169,8 @@ class Watcher:
                 for p, info in found.items() if info.get("type", "file") != "directory"
                 and not p.endswith(self.config.marker)}
 
-    def poll(self) -> list[tuple[Any, int]]:
-        """List the files once; return ``(dataset, cycle)`` of each file that became complete since the last poll."""
+    def poll(self) -> list[Any]:
+        """List the files once; what :meth:`accept` made of each file that became complete since the last poll."""
         now = self.clock()
         listing = self._list()
         if not listing:
@@ -187,12 +191,11 @@ class Watcher:
                 landing.size, landing.mtime, landing.stable_since = size, mtime, now
                 if landing.reported.startswith("truncated"):
                     landing.reported = ""  # it changed: look at it again
-            dataset = self._check(landing, now)
-            if dataset is not None:
-                landing.dataset = dataset
+            item = self._check(landing, now)
+            if item is not None:
+                landing.dataset = item
                 landing.landed_at = mtime or time.time()
-                self.known.add(dataset[0].id)
-                new.append(dataset)
+                new.append(item)
         return new
 
     def _report(self, landing: Landing, problem: str) -> None:
@@ -204,9 +207,16 @@ class Watcher:
         """Files reported and not analysed (url → why)."""
         return {u: f.reported for u, f in self.files.items() if f.dataset is None and f.reported}
 
-    def _check(self, landing: Landing, now: float) -> tuple[Any, int] | None:
-        from xrdscale.campaign.spec import Dataset
+    @staticmethod
+    def ident(url: str, fields: dict[str, str]) -> str:
+        """The id of a file: the pattern's ``{id}``, else the file name without its extension."""
+        return fields.get("id") or posixpath.splitext(posixpath.basename(url.replace("\\", "/")))[0]
 
+    def accept(self, landing: Landing, fields: dict[str, str], did: str) -> Any:
+        """What :meth:`poll` returns for a complete, readable file (None: report it and skip it)."""
+        return did
+
+    def _check(self, landing: Landing, now: float) -> Any:
         cfg = self.config
         fields = parse_name(cfg.pattern, landing.url)
         if fields is None:
@@ -216,7 +226,7 @@ class Watcher:
             return None
         if landing.reported.startswith("never completed"):
             return None
-        did = fields.get("id") or posixpath.splitext(posixpath.basename(landing.url.replace("\\", "/")))[0]
+        did = self.ident(landing.url, fields)
         if did in self.done:
             complete, why = True, ""  # processed before this watch started: complete then
         elif cfg.complete == "marker":
@@ -233,6 +243,35 @@ class Watcher:
         if problem is not None:
             self._report(landing, f"truncated or unreadable ({problem}); it is not analysed until it changes")
             return None
+        return self.accept(landing, fields, did)
+
+
+class Watcher(FileWatcher):
+    """Finds the raw files of a campaign's ``watch:`` section and says when each one is a complete dataset.
+
+    :meth:`poll` returns ``(dataset, cycle)`` of each new complete file.
+
+    Parameters
+    ----------
+    config : WatchConfig
+        The resolved ``watch:`` section (its pattern an absolute path or a URL).
+    known : iterable of str
+        Dataset ids already in the campaign. A landing file with one of these ids is refused.
+    done, clock, readable
+        As for :class:`FileWatcher` (``done``: dataset ids processed by an earlier watch; a
+        restarted watch recomputes nothing, not even the report).
+    """
+
+    def __init__(self, config: Any, *, known: Any = (), done: Any = (), clock: Callable[[], float] = time.monotonic,
+                 readable: Callable[[str], str | None] | None = None) -> None:
+        super().__init__(config, done=done, clock=clock, readable=readable)
+        self.known = set(known)
+
+    def accept(self, landing: Landing, fields: dict[str, str], did: str) -> tuple[Any, int] | None:
+        """The file's ``(Dataset, cycle)``, its voltage and state from the name or the NeXus sample."""
+        from xrdscale.campaign.spec import Dataset
+
+        cfg = self.config
         meta = _nexus_metadata(landing.url) if not {"voltage", "state"} <= set(fields) else {}
         voltage = fields.get("voltage") or meta.get("voltage")
         if voltage is None:
@@ -243,11 +282,13 @@ class Watcher:
             self._report(landing, f"dataset id {did!r} is already in the campaign; rename the file")
             return None
         try:
-            return Dataset(id=did, state=fields.get("state") or meta.get("state") or cfg.state,
-                           voltage=_voltage(str(voltage)), raw=landing.url), int(fields.get("cycle") or cfg.cycle)
+            dataset = Dataset(id=did, state=fields.get("state") or meta.get("state") or cfg.state,
+                              voltage=_voltage(str(voltage)), raw=landing.url)
         except (ValueError, TypeError) as exc:
             self._report(landing, f"cannot make a dataset of it: {exc}")
             return None
+        self.known.add(did)
+        return dataset, int(fields.get("cycle") or cfg.cycle)
 
 
 def _mtime(info: dict[str, Any]) -> float:
