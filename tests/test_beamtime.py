@@ -82,6 +82,28 @@ def test_every_preset_spec_sizes_its_training_to_its_data():
         assert validate_spec(raw).pipeline.train.ensemble == p.train.ensemble
 
 
+def test_scale_presets_have_the_paper_scan_geometry_on_a_small_detector():
+    """`scale` is the paper's scan (637 × 400 in 4 interlaced subsets, zigzag, 30 µm steps over
+    19.11 mm) on the demo detector; `scale-quarter` holds a quarter of its frames over the same cell."""
+    from xrdscale.simulate.beamtime import PRESETS, make_detector
+    from xrdscale.simulate.phantom import default_fov_mm
+    from xrdscale.simulate.scan import plan_scan
+
+    full, quarter = PRESETS["scale"], PRESETS["scale-quarter"]
+    assert full.frames_per_dataset == PRESETS["paper"].frames_per_dataset == 254_800
+    assert make_detector(full.detector).shape == (128, 128)
+    step = default_fov_mm(full.size) / full.size
+    assert step == pytest.approx(0.030, abs=1e-4)
+    plan = plan_scan(full.n_angles, full.size, step, subsets=full.subsets, axis_offset_steps=full.axis_offset_steps)
+    assert plan.n_frames == 254_800
+    per = full.n_angles // full.subsets                                   # 4 subsets of 100 angles, interlaced
+    assert np.allclose(plan.line_angles[per] - plan.line_angles[0], 180.0 / per / full.subsets)
+    first, second = plan.translation[:full.size], plan.translation[full.size:2 * full.size]
+    assert np.all(np.diff(first) > 0) and np.all(np.diff(second) < 0)   # zigzag
+    assert quarter.frames_per_dataset / full.frames_per_dataset == pytest.approx(0.25, abs=0.005)
+    assert default_fov_mm(quarter.size) == pytest.approx(default_fov_mm(full.size))
+
+
 @pytest.mark.parametrize("args, words", [
     (("simulate", "beamtime", "{tmp}/x", "--preset", "huge"), "unknown preset"),
     (("simulate", "beamtime", "{tmp}/file.txt/sub"), "cannot"),

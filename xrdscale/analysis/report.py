@@ -15,12 +15,13 @@ versions).
 from __future__ import annotations
 
 import base64
+import functools
 import html
 import importlib.metadata
 import logging
 import platform
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -340,6 +341,24 @@ def _provenance(doc: _Doc, entries: Sequence[DatasetEntry], maps: Mapping[str, x
     doc.table(pd.DataFrame(versions), "Software versions")
 
 
+def _threaded_dask(func: Callable[..., str]) -> Callable[..., str]:
+    """Run ``func`` with dask's threaded scheduler of this process.
+
+    A report reads maps, which are small next to the frames, in many small chunks. On a
+    distributed client every one of them travelled through the scheduler: on a 160² dataset,
+    81 s for the report against 27 s threaded.
+    """
+    @functools.wraps(func)
+    def wrapper(*args: Any, **kwargs: Any) -> str:
+        import dask
+
+        with dask.config.set(scheduler="threads"):
+            return func(*args, **kwargs)
+
+    return wrapper
+
+
+@_threaded_dask
 def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: str, *, title: str = "xrdscale report",
                  model: Mapping[str, Any] | None = None, rois: Mapping[str, Mapping[str, Any]] | None = None,
                  centre: tuple[float, float] | None = None, pitch: float | None = None,
@@ -418,7 +437,8 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
             ds = storage.open_store(e.maps_url, stage="maps")
             ds.attrs["source_url"] = storage.redact(e.maps_url)
             maps[e.id] = with_weight_fractions(ds, phases)
-            tables.append(_dataset_section(doc, e, maps[e.id], centre=centre, pitch=pitch, rois_spec=rois))
+            # one read of the dataset's maps for its section's ~20 figures and tables
+            tables.append(_dataset_section(doc, e, maps[e.id].compute(), centre=centre, pitch=pitch, rois_spec=rois))
             bar.advance(task)
         rois_all = pd.concat(tables, ignore_index=True) if any(not t.empty for t in tables) else pd.DataFrame()
         quality_rows = [r for r in (_quality_row(e, maps[e.id]) for e in entries) if r is not None]
