@@ -19,6 +19,7 @@ Groups (each from the test module that first needed it):
 - patterns stores of a two-disk phantom with known spectra (``test_sinogram``):
   :func:`disk_projection`, :func:`scan_patterns`;
 - PQ-Net registry entries (``test_pqnet_model``): :func:`tiny_spec`, :func:`write_random_entry`;
+  a tiny trained 4LiCx ensemble (``test_operando``, ``test_operando_watch``): :func:`train_licx4`;
 - analysis maps with a known answer (``test_analysis_*``): :func:`series_with_truth`,
   :func:`cathode_maps`, :func:`spiral_maps`.
 
@@ -302,3 +303,16 @@ phases:
   NCA: {builtin: NCA, scale: [0.1, 1], a: [2.810, 2.875], c: [14.15, 14.55]}
   Al: {builtin: Al, scale: [0, 0.2]}
 """
+
+
+def train_licx4(root) -> str:
+    """A tiny 4LiCx ensemble (3,000 patterns, 2 members, 8 epochs) under ``root``: ~10 s on one core."""
+    from xrdscale.pqnet.library import make_library
+    from xrdscale.pqnet.train import train_ensemble
+    from xrdscale.simulate.operando import library_url
+
+    lib = make_library(library_url(), str(root / "lib.zarr"), n=3000, seed=1)
+    url = str(root / "model")
+    train_ensemble(lib, url, ensemble=2, epochs=8, outputs=["scale"], parallel=False, device="cpu", bounds=0,
+                   model_options={"pattern_channels": 8, "phase_channels": 4, "hidden": 16})
+    return url

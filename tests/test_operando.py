@@ -8,6 +8,7 @@ import h5py
 import numpy as np
 import pytest
 
+from _builders import train_licx4
 from xrdscale.exceptions import InputError
 from xrdscale.io import contracts, storage
 from xrdscale.io.echem import EchemLog, cycle_numbers, read_echem, steps, write_csv
@@ -27,17 +28,8 @@ def series(tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def model(tmp_path_factory):
-    """A tiny 4LiCx ensemble (3,000 patterns, 2 members, 8 epochs): ~10 s on one core."""
-    from xrdscale.pqnet.library import make_library
-    from xrdscale.pqnet.train import train_ensemble
-    from xrdscale.simulate.operando import library_url
-
-    root = tmp_path_factory.mktemp("licx4")
-    lib = make_library(library_url(), str(root / "lib.zarr"), n=3000, seed=1)
-    url = str(root / "model")
-    train_ensemble(lib, url, ensemble=2, epochs=8, outputs=["scale"], parallel=False, device="cpu", bounds=0,
-                   model_options={"pattern_channels": 8, "phase_channels": 4, "hidden": 16})
-    return url
+    """A tiny 4LiCx ensemble: ~10 s on one core."""
+    return train_licx4(tmp_path_factory.mktemp("licx4"))
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,11 @@ Files written under ``out``::
 
     raw/operando.nxs        frames in the raw layout (rotation angle 0, translation the line
                             position) plus /entry/data/time (s) and /entry/start_time, and the
-                            potentiostat's log as the NeXus group /entry/echem
+                            potentiostat's log as the NeXus group /entry/echem; with
+                            ``files=K``, raw/operando-001.nxs … -K.nxs instead, each with its
+                            share of the scans (times from the same t = 0) and the log up to
+                            its last scan (the last file: all of it), as a beamline writes
+                            one file per N scans
     echem/cell.csv          the same log as CSV (time/s, voltage/V, current/A)
     truth/operando.zarr     ``truth`` store: scale, a, c, size, weight_fraction (phase, frame),
                             coords time, voltage, current, cycle, step (frame)
@@ -32,6 +36,7 @@ from __future__ import annotations
 import datetime as dt
 import logging
 from importlib import resources
+from typing import Any
 
 import h5py
 import numpy as np
@@ -106,7 +111,7 @@ def volume_scales(weight_percent: np.ndarray) -> np.ndarray:
 def simulate_operando(out: str, *, protocol: Protocol | None = None, scan_interval_s: float = 60.0,
                       points: int = 1, line_step_mm: float = 0.05, echem_interval_s: float = 10.0,
                       peak_counts: float = 3000.0, start_time: str = START, seed: int = 0,
-                      progress: bool = False) -> dict[str, str]:
+                      files: int = 1, progress: bool = False) -> dict[str, Any]:
     """Simulate an operando series under ``out``; returns the URLs of what it wrote.
 
     Parameters
@@ -129,13 +134,16 @@ def simulate_operando(out: str, *, protocol: Protocol | None = None, scan_interv
         Wall-clock time (ISO 8601) of t = 0 of both the frames and the log.
     seed : int
         Seed of the I0 fluctuations, the counting noise and the log's voltage noise.
+    files : int
+        Raw files to split the scans into (consecutive scans each; 1: ``raw/operando.nxs``).
     progress : bool
         Show a progress bar.
 
     Returns
     -------
     dict
-        ``raw``, ``echem``, ``truth``, ``poni``, ``mask`` URLs and ``n_frames``.
+        ``raw`` (the first raw file), ``raw_files`` (all, in time order), ``echem``, ``truth``,
+        ``poni``, ``mask`` URLs and ``n_frames``.
     """
     from xrdscale.simulate.beamtime import write_geometry
 
@@ -143,6 +151,9 @@ def simulate_operando(out: str, *, protocol: Protocol | None = None, scan_interv
     if scan_interval_s <= 0 or points < 1:
         raise ConfigError(f"scan_interval_s={scan_interval_s}, points={points}: give a positive interval and at "
                           "least one point per scan")
+    n_scans = int(np.ceil(p.duration_s / scan_interval_s))
+    if not 1 <= files <= n_scans:
+        raise ConfigError(f"files={files}: give between 1 and the number of scans ({n_scans})")
     dwell = 0.01  # s per frame (the paper's 10 ms exposure)
     scan_t = np.arange(0.0, p.duration_s, scan_interval_s)
     offsets = (np.arange(points) - (points - 1) / 2.0) * line_step_mm
@@ -163,7 +174,9 @@ def simulate_operando(out: str, *, protocol: Protocol | None = None, scan_interv
     rng = np.random.default_rng(seed)
     i0 = peak_counts / max(float(patterns.max()) * float(detector.gain.max()), 1e-30)
     monitor = i0 * np.clip(1 + 0.03 * rng.standard_normal(time.size), 0.5, 1.5)
-    urls = {"raw": storage.join(out, "raw", "operando.nxs"), "echem": storage.join(out, "echem", "cell.csv"),
+    names = ["operando.nxs"] if files == 1 else [f"operando-{k + 1:03d}.nxs" for k in range(files)]
+    raws = [storage.join(out, "raw", name) for name in names]
+    urls = {"raw": raws[0], "echem": storage.join(out, "echem", "cell.csv"),
             "truth": storage.join(out, "truth", "operando.zarr"), "poni": storage.join(out, "calib", "operando.poni"),
             "mask": storage.join(out, "calib", "mask.edf")}
     write_geometry(detector, urls["poni"], urls["mask"])
@@ -172,27 +185,45 @@ def simulate_operando(out: str, *, protocol: Protocol | None = None, scan_interv
     echem.write_csv(urls["echem"], log_out)
     config = {"protocol": p.__dict__, "scan_interval_s": scan_interval_s, "points": points,
               "line_step_mm": line_step_mm, "peak_counts": peak_counts, "i0": i0, "seed": seed,
-              "start_time": start_time, "raw": storage.redact(urls["raw"])}
-    plan = ScanPlan(angle=np.zeros(time.size), translation=position, line_angles=np.zeros(scan_t.size),
-                    translations=offsets, axis_mm=0.0)
-    local, cleanup = _local_target(urls["raw"])
-    try:
-        with h5py.File(local, "w") as f:
-            data = _layout(f, plan, monitor, detector.shape, ins.wavelength, config)
-            _time_layout(f, time, start_time, log_out)
-            with _progress(progress, "operando scans", time.size) as bump:
-                for s in range(0, time.size, detector.batch):
-                    sel = slice(s, min(s + detector.batch, time.size))
-                    data[sel] = detector.frames(q, patterns[sel], monitor[sel], rng)
-                    for _ in range(sel.stop - sel.start):
-                        bump()
-        storage.put_file(local, urls["raw"])
-    finally:
-        cleanup()
+              "start_time": start_time, "raw": storage.redact(urls["raw"]), "files": files}
+    with _progress(progress, "operando scans", time.size) as bump:
+        for k, (url, scans) in enumerate(zip(raws, np.array_split(np.arange(scan_t.size), files), strict=True)):
+            sel = slice(int(scans[0]) * points, (int(scans[-1]) + 1) * points)
+            so_far = log_out if k == files - 1 else log_until(log_out, float(time[sel.stop - 1]))  # the last: all
+            plan = ScanPlan(angle=np.zeros(sel.stop - sel.start), translation=position[sel],
+                            line_angles=np.zeros(scans.size), translations=offsets, axis_mm=0.0)
+            _write_raw(url, plan, detector, q, patterns[sel], monitor[sel], time[sel], rng, ins.wavelength,
+                       config, so_far, start_time, bump)
     _write_truth(urls["truth"], truth, scales, lattice, position, config)
     logger.info("operando series: %d frames (%d scans × %d points) over %.1f h to %s", time.size, scan_t.size,
                 points, p.duration_s / 3600, storage.redact(out))
-    return {**urls, "n_frames": str(time.size)}
+    return {**urls, "raw_files": raws, "n_frames": str(time.size)}
+
+
+def log_until(log: echem.EchemLog, t: float) -> echem.EchemLog:
+    """The part of ``log`` a potentiostat has written by time ``t`` (at least up to ``t``, one entry past it)."""
+    n = min(int(np.searchsorted(log.time, t, side="left")) + 1, log.time.size)
+    n = max(n, 2)
+    return echem.EchemLog(log.time[:n], log.voltage[:n], log.current[:n], log.source, log.start_time)
+
+
+def _write_raw(url: str, plan: ScanPlan, detector: DetectorModel, q: np.ndarray, patterns: np.ndarray,
+               monitor: np.ndarray, time: np.ndarray, rng: np.random.Generator, wavelength: float, config: dict,
+               log: echem.EchemLog, start_time: str, bump: Any) -> None:
+    """One raw NeXus file of frames, their times and the log so far."""
+    local, cleanup = _local_target(url)
+    try:
+        with h5py.File(local, "w") as f:
+            data = _layout(f, plan, monitor, detector.shape, wavelength, config)
+            _time_layout(f, time, start_time, log)
+            for s in range(0, time.size, detector.batch):
+                sel = slice(s, min(s + detector.batch, time.size))
+                data[sel] = detector.frames(q, patterns[sel], monitor[sel], rng)
+                for _ in range(sel.stop - sel.start):
+                    bump()
+        storage.put_file(local, url)
+    finally:
+        cleanup()
 
 
 def _time_layout(f: h5py.File, time: np.ndarray, start_time: str, log: echem.EchemLog) -> None:

@@ -139,3 +139,57 @@ def operando(model_url: str, patterns_url: str, echem_url: str, out_url: str, *,
                                 label="operando", marker={"model_id": entry.id})
 
     return guarded(out_url, body)
+
+
+def raw_times(raw_url: str) -> tuple[np.ndarray, str | None]:
+    """Frame times [s] and start time of a raw file of timed scans.
+
+    Raises
+    ------
+    InputError
+        The raw file records no time per frame.
+    """
+    from xrdscale.io.frames import TIME, open_raw
+
+    scan = open_raw(raw_url)
+    if scan.time is None:
+        raise InputError(f"raw file {storage.redact(raw_url)} has no /{TIME}: an operando series needs the "
+                         "acquisition time of every frame (seconds, one per frame); write it at acquisition or add it "
+                         "from the scan log, then run again")
+    return np.asarray(scan.time, dtype=np.float64), scan.start_time
+
+
+def check_inputs(raw_url: str, echem_url: str) -> None:
+    """Fail before any work when the raw file has no frame times or the log does not span them.
+
+    Raises
+    ------
+    InputError
+        The raw file records no time per frame, or the log is unreadable, lacks a column or
+        does not cover the frames.
+    """
+    from xrdscale.io.echem import read_echem
+
+    times, start = raw_times(raw_url)
+    read_echem(echem_url).shifted_to(start).check_covers(times, f"raw file {storage.redact(raw_url)}")
+
+
+def run_series(raw_url: str, echem_url: str, out_url: str, *, model: str, poni: str, mask: str | None = None,
+               npt: int = 500, margin: float = 0.05, ensemble: int | None = None, pool: Any = None,
+               reuse: bool = False, progress: bool = True) -> str:
+    """A raw file of timed scans to ``out_url/operando.zarr`` (via ``out_url/patterns.zarr``); returns the store.
+
+    The integration covers the model's q range plus ``margin`` [1/Å] each side; with ``reuse``
+    a complete ``patterns.zarr`` is kept (a resumed live watch). ``pool``: running actors of
+    ``model``. The inputs are not checked here (:func:`check_inputs`).
+    """
+    from xrdscale.pqnet.registry import open_entry
+    from xrdscale.stages.integrate import integrate
+
+    q = open_entry(model).q
+    patterns = storage.join(out_url, "patterns.zarr")
+    if not (reuse and storage.is_complete(patterns)):
+        integrate(raw_url, patterns, poni=poni, mask=mask, npt=npt, progress=progress,
+                  q_range=(max(0.0, float(q[0]) - margin), float(q[-1]) + margin))
+    return operando(model, patterns, echem_url, storage.join(out_url, "operando.zarr"), ensemble=ensemble,
+                    pool=pool, progress=progress)
