@@ -521,3 +521,21 @@ def test_transmission_on_an_offset_grid_follows_the_shifted_rays():
         if offset:
             centred = -np.log(transmission(mu, Geometry(angles, n, step)))
             assert rel_rmse(centred, exact) > 2 * rel_rmse(got, exact), offset
+
+
+def test_operator_memory_is_capped_by_dask_config_so_workers_do_not_grow_with_the_scan():
+    """The operator is held in memory up to ``xrdscale.reconstruct.operator-memory`` (1 GiB by
+    default): the paper's 637 px × 400 angles spill, a quarter-size scan does not."""
+    import dask
+
+    from xrdscale.recon.batched import OPERATOR_MEMORY, OPERATOR_MEMORY_KEY, default_budget, operator_bytes
+    from xrdscale.recon.geometry import Geometry
+
+    assert default_budget() <= OPERATOR_MEMORY
+    paper = Geometry(tuple(np.linspace(0.0, 180.0, 400, endpoint=False)), 637)
+    quarter = Geometry(tuple(np.linspace(0.0, 180.0, 200, endpoint=False)), 319)
+    assert operator_bytes(paper) > OPERATOR_MEMORY > operator_bytes(quarter)
+    with dask.config.set({OPERATOR_MEMORY_KEY: "64 MiB"}):
+        assert default_budget() == 64 * 2**20
+    with dask.config.set({OPERATOR_MEMORY_KEY: 10**15}):
+        assert default_budget() < 10**15   # never above a quarter of the free memory

@@ -27,7 +27,7 @@ DEMO_PIPELINE = {
     "reconstruct": {"algorithm": "fbp"},
     # scale factors of all 13 phases and the NCA lattice: what the demo's report shows
     "train": {"n": 5000, "ensemble": 2, "epochs": 8, "seed": 0, "outputs": ["scale", "NCA.a", "NCA.c"]},
-    "analyse": {"actors": 1, "batch": 4096},
+    "analyse": {"actors": 1, "batch": 256},
 }
 DEMO_SPEC = "jobs/demo.yaml"
 

@@ -80,7 +80,8 @@ def predict_cmd(
     data: str = typer.Argument(..., help="A volume store (y, x, q) or a patterns store (frame, q)."),
     out: str = typer.Argument(..., help="Output maps store URL."),
     actors: int = typer.Option(1, "--actors", help="Ray actors, each holding the whole ensemble."),
-    batch: int = typer.Option(4096, "--batch", help="Patterns per actor call."),
+    batch: int = typer.Option(256, "--batch", help="Patterns per actor call (an actor keeps the activations of its "
+                                                     "largest batch: 4096 held 8 GB on the CPU)."),
     engine: str = typer.Option("onnx", "--engine", help="Inference engine: onnx or torch."),
     device: str = typer.Option("auto", "--device", help="auto, cpu or cuda (one GPU per actor)."),
     ensemble: Optional[int] = typer.Option(None, "--ensemble", help="Use the first N members (default: all)."),

@@ -20,8 +20,8 @@ Memory bound. ``W`` has about ``2 N² A`` non-zeros (2.8 × 10⁸ at 637 px × 4
 blocks of about :data:`BLOCK_NNZ` non-zeros (a few angles, one block in float64 at a
 time), and each block is cut into its pieces at once, so the build holds the operator
 plus one block. The pieces are kept in memory when the operator fits in
-``memory_budget`` bytes (default: a quarter of the Dask worker's memory limit, or of
-the machine's available memory outside a worker); otherwise they are written to
+``memory_budget`` bytes (default :func:`default_budget`: 1 GiB, or less where a quarter
+of the Dask worker's memory limit or of the free memory is less); otherwise they are written to
 ``.npy`` files in a temporary folder and memory-mapped back one piece at a time, so a
 worker holds at most one block of the build and one piece of the product.
 """
@@ -71,17 +71,35 @@ def operator_bytes(geometry: Geometry, *, sirt: bool = False) -> int:
     return estimate_nnz(geometry) * 8 * (2 if sirt else 1)
 
 
+#: dask config key of the most bytes an operator is held in memory (larger ones are spilled)
+OPERATOR_MEMORY_KEY = "xrdscale.reconstruct.operator-memory"
+
+#: its default, so that a worker's memory does not grow with the scan: at the paper's 637 px ×
+#: 400 angles (~2.2 GB) the operator is spilled, one at 319 px × 200 angles (~0.3 GB) is not.
+OPERATOR_MEMORY = 1 << 30
+
+
 def default_budget() -> int:
-    """Bytes the operator may take: a quarter of the worker's memory limit or of free memory."""
+    """Bytes the operator may take in memory.
+
+    The smallest of dask config ``xrdscale.reconstruct.operator-memory`` (bytes or a size such
+    as ``"4 GiB"``; default :data:`OPERATOR_MEMORY`), a quarter of the worker's memory limit,
+    and a quarter of the free memory outside a worker.
+    """
+    import dask
+    from dask.utils import parse_bytes
+
+    cap = dask.config.get(OPERATOR_MEMORY_KEY, default=OPERATOR_MEMORY)
+    cap = int(parse_bytes(cap) if isinstance(cap, str) else cap)
     try:
         from distributed import get_worker
 
         limit = get_worker().memory_manager.memory_limit
         if limit:
-            return int(limit) // 4
+            return min(cap, int(limit) // 4)
     except (ImportError, ValueError, AttributeError):
         pass
-    return int(psutil.virtual_memory().available) // 4
+    return min(cap, int(psutil.virtual_memory().available) // 4)
 
 
 def tile_order(n: int, tile: int = TILE) -> np.ndarray:

@@ -37,7 +37,8 @@ class AnalyseConfig(StageConfig):
     ensemble: int | None = Field(None, ge=1, description="members of the model's deep ensemble used for the "
                                                          "mean and std (the first N; default: all)")
     actors: int = runtime_field(1, "Ray actors serving the ensemble (each holds every member)", ge=1)
-    batch: int = runtime_field(4096, "patterns per actor call", ge=1)
+    batch: int = runtime_field(256, "patterns per actor call (bounds the actor's memory: ONNX Runtime "
+                                    "keeps the activations of its largest batch)", ge=1)
     engine: EngineName = runtime_field("onnx", "inference engine of the actors")
     device: Device = runtime_field("auto", "actor device (auto: a GPU per "
                                                                               "actor when Ray has GPUs)")
