@@ -230,16 +230,20 @@ def run_paper(*, preset: str, data: str | None, json_out: str | None, compare: s
         sampler.dask_pids = set(client.run(os.getpid).values())
         store = open_job_store(spec)
         result = Runner(Plan(spec), store, ray=ray_handle).run()
-        runs = store.runs(spec.campaign)
+        runs = store.runs(spec.campaign, invocation=result.invocation)
         store.close()
     t_end = time.time()
     sampler.stop()
     if not result.ok:
         raise SystemExit(f"the campaign failed: {result.failed}")
     n_lib = raw["pipeline"]["train"]["n"]
+    from xrdscale.io import storage
+
+    maps = storage.open_store(next(iter(result.maps.values())), stage="maps")
+    n_pix = maps.sizes["y"] * maps.sizes["x"]       # the centred reconstruction grid (a few columns wider)
     items = {"library": (n_lib, "patterns"), "train": (n_lib, "patterns"),
              "integrate": (p.frames_per_dataset, "frames"), "sinogram": (p.frames_per_dataset, "frames"),
-             "reconstruct": (raw["pipeline"]["integrate"]["npt"], "channels"), "analyse": (p.size ** 2, "pixels"),
+             "reconstruct": (raw["pipeline"]["integrate"]["npt"], "channels"), "analyse": (n_pix, "pixels"),
              "report": (1, "reports")}
     for r in sorted((r for r in runs if r.status == "done" and r.started_at and r.ended_at),
                     key=lambda r: r.started_at):
@@ -250,8 +254,8 @@ def run_paper(*, preset: str, data: str | None, json_out: str | None, compare: s
                      "rss": {role: sampler.peak(t0, t1, role) for role in ("dask worker", "ray worker", "driver")}})
     whole = {role: sampler.peak(t_start, t_end, role) for role in ("dask worker", "ray worker", "driver")}
     p2m = pilatus_frame_seconds()
-    _print_table(preset, p, rows, whole, p2m)
-    out = {"preset": preset, "frames": p.frames_per_dataset, "pixels": p.size ** 2, "rows": rows, "peak": whole,
+    _print_table(preset, p, rows, whole, p2m, n_pix)
+    out = {"preset": preset, "frames": p.frames_per_dataset, "pixels": n_pix, "rows": rows, "peak": whole,
            "pilatus2m_core_s_per_frame": p2m, "cores": os.cpu_count(), "memory_gb": psutil.virtual_memory().total / 1e9,
            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"), "report": result.report}
     if json_out:
@@ -267,10 +271,10 @@ def run_paper(*, preset: str, data: str | None, json_out: str | None, compare: s
                 print(f"  {role:12s} {v / 2**20:8.0f} MiB / {ref / 2**20:8.0f} MiB = {v / ref:5.2f}")
 
 
-def _print_table(preset, p, rows, whole, p2m) -> None:
+def _print_table(preset, p, rows, whole, p2m, n_pix) -> None:
     mib = 2 ** 20
     print(f"\n{preset}: {p.size} translations x {p.n_angles} angles = {p.frames_per_dataset} frames, "
-          f"{p.size}² = {p.size ** 2} pixels, {os.cpu_count()} cores")
+          f"maps of {n_pix} pixels, {os.cpu_count()} cores")
     print(f"{'stage':12s} {'wall':>9s} {'rate':>22s} {'per core':>16s} {'dask worker':>12s} {'ray worker':>11s} "
           f"{'driver':>8s}  (peak RSS, MiB)")
     for r in rows:

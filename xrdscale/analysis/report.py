@@ -437,8 +437,7 @@ def write_report(datasets: Sequence[DatasetEntry | Mapping[str, Any]], out_dir: 
             ds = storage.open_store(e.maps_url, stage="maps")
             ds.attrs["source_url"] = storage.redact(e.maps_url)
             maps[e.id] = with_weight_fractions(ds, phases)
-            # one read of the dataset's maps for its section's ~20 figures and tables
-            tables.append(_dataset_section(doc, e, maps[e.id].compute(), centre=centre, pitch=pitch, rois_spec=rois))
+            tables.append(_dataset_section(doc, e, maps[e.id], centre=centre, pitch=pitch, rois_spec=rois))
             bar.advance(task)
         rois_all = pd.concat(tables, ignore_index=True) if any(not t.empty for t in tables) else pd.DataFrame()
         quality_rows = [r for r in (_quality_row(e, maps[e.id]) for e in entries) if r is not None]
