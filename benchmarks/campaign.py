@@ -201,6 +201,7 @@ def run_paper(*, preset: str, data: str | None, json_out: str | None, compare: s
 
     from xrdscale.campaign.runner import Plan, Runner, open_job_store
     from xrdscale.campaign.spec import load_spec
+    from xrdscale.io import storage
     from xrdscale.runtime.cluster import connect
     from xrdscale.simulate.beamtime import PRESETS, simulate_beamtime
 
@@ -237,8 +238,6 @@ def run_paper(*, preset: str, data: str | None, json_out: str | None, compare: s
     if not result.ok:
         raise SystemExit(f"the campaign failed: {result.failed}")
     n_lib = raw["pipeline"]["train"]["n"]
-    from xrdscale.io import storage
-
     maps = storage.open_store(next(iter(result.maps.values())), stage="maps")
     n_pix = maps.sizes["y"] * maps.sizes["x"]       # the centred reconstruction grid (a few columns wider)
     items = {"library": (n_lib, "patterns"), "train": (n_lib, "patterns"),
