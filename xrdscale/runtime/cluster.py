@@ -334,6 +334,11 @@ def _close(client: Any, cluster: Any, ray_handle: RayHandle) -> None:
             client.run(_ray_disconnect, wait=True)
         except Exception as exc:  # a worker that is gone need not disconnect
             logger.debug("could not disconnect the workers from Ray: %s", exc)
+    if cluster is not None:
+        try:
+            client.run(_quiet_shutdown, wait=True)
+        except Exception as exc:
+            logger.debug("could not quieten the workers' shutdown: %s", exc)
     try:
         client.close(timeout=CLOSE_TIMEOUT)
     finally:
@@ -343,6 +348,15 @@ def _close(client: Any, cluster: Any, ray_handle: RayHandle) -> None:
                 cluster.close(timeout=CLOSE_TIMEOUT)
         finally:
             ray_handle.close()
+
+
+def _quiet_shutdown() -> None:
+    """In a worker of a local cluster that is closing: only critical ``distributed`` logs.
+
+    A heartbeat that races the scheduler's close logs "Failed to communicate with scheduler
+    during heartbeat" with a traceback (seen on a loaded machine); the work is written by then.
+    """
+    logging.getLogger("distributed").setLevel(logging.CRITICAL)
 
 
 def _retire(cluster: Any) -> None:
